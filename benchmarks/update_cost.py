@@ -1,0 +1,146 @@
+"""What an OMGD update costs next to AdamW's, on the GPT-2-124M parameter tree (CPU, jit).
+
+For every optimizer: the median wall time of one jitted `update + apply_updates` step with the
+parameters and optimizer state donated, the optimizer-state bytes (from the state pytree), and
+the XLA-compiled memory of the step (`.lower(abstract inputs).compile().memory_analysis()`).
+Everything runs in one process, side by side, and is reported relative to AdamW.
+
+    python -m benchmarks.update_cost --out benchmarks/results/update_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import omgd_jax
+
+ADAMW = dict(b1=0.9, b2=0.95, weight_decay=0.1)
+
+
+def gpt2_shapes(n_layer=12, d=768, vocab=50304, context=1024) -> dict:
+    """The GPT-2-124M parameter tree as nanoGPT has it, transformer blocks stacked on axis 0."""
+    L = n_layer
+    f32 = jnp.float32
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, f32)
+    return {
+        "wte": s(vocab, d),
+        "wpe": s(context, d),
+        "blocks": {
+            "ln_1": {"scale": s(L, d), "bias": s(L, d)},
+            "attn": {
+                "c_attn": {"kernel": s(L, d, 3 * d), "bias": s(L, 3 * d)},
+                "c_proj": {"kernel": s(L, d, d), "bias": s(L, d)},
+            },
+            "ln_2": {"scale": s(L, d), "bias": s(L, d)},
+            "mlp": {
+                "c_fc": {"kernel": s(L, d, 4 * d), "bias": s(L, 4 * d)},
+                "c_proj": {"kernel": s(L, 4 * d, d), "bias": s(L, d)},
+            },
+        },
+        "ln_f": {"scale": s(d), "bias": s(d)},
+    }
+
+
+def decay_mask(params):
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def optimizers() -> dict[str, optax.GradientTransformation]:
+    lr = 6e-4
+    out = {"adamw": optax.adamw(lr, mask=decay_mask, **ADAMW)}
+    out["mask(element,M=4)+adamw"] = optax.chain(
+        omgd_jax.omgd_mask(4, 100), optax.adamw(lr, mask=decay_mask, **ADAMW)
+    )
+    for m in (2, 4, 8):
+        out[f"omgd(adamw,element,M={m})"] = omgd_jax.omgd_adamw(
+            lr, mask=decay_mask, num_masks=m, steps_per_mask=100, **ADAMW
+        )
+    layer = dict(granularity="layer", layers=r"^blocks/", layers_per_phase=3, steps_per_mask=100)
+    out["omgd(adamw,layer,3/12)"] = omgd_jax.omgd_adamw(lr, mask=decay_mask, **layer, **ADAMW)
+    out["omgd(adamw,layer,3/12,frozen)"] = omgd_jax.omgd_adamw(
+        lr, mask=decay_mask, state="frozen", **layer, **ADAMW
+    )
+    return out
+
+
+def tree_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+               if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
+def measure(tx, shapes, repeats: int) -> dict:
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state_shapes = jax.eval_shape(tx.init, shapes)
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    compiled = jitted.lower(shapes, state_shapes, shapes).compile()
+    mem = compiled.memory_analysis()
+
+    key = jax.random.key(0)
+    params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
+    grads = jax.tree.map(lambda s: 1e-3 * jax.random.normal(key, s.shape, s.dtype), shapes)
+    state = jax.jit(tx.init)(params)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        params, state = compiled(params, state, grads)
+        jax.block_until_ready((params, state))
+        if i >= 2:  # the first calls pay for allocation
+            times.append(time.perf_counter() - start)
+    return {
+        "update_s": statistics.median(times),
+        "state_bytes": tree_bytes(state_shapes),
+        "xla_argument_bytes": mem.argument_size_in_bytes,
+        "xla_output_bytes": mem.output_size_in_bytes,
+        "xla_temp_bytes": mem.temp_size_in_bytes,
+        "xla_alias_bytes": mem.alias_size_in_bytes,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per optimizer")
+    parser.add_argument("--layers", type=int, default=12, help="transformer layers (12: 124M)")
+    parser.add_argument("--only", default="", help="regex: measure only matching optimizers "
+                        "(adamw, the baseline, always runs)")
+    args = parser.parse_args(argv)
+
+    shapes = gpt2_shapes(n_layer=args.layers)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    rows = {}
+    for name, tx in optimizers().items():
+        if name != "adamw" and not re.search(args.only, name):
+            continue
+        rows[name] = measure(tx, shapes, args.repeats)
+        print(f"measured {name}", flush=True)
+    base = rows["adamw"]
+    header = (f"{'optimizer':34s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} "
+              f"{'x adamw':>7s} {'XLA temp MB':>11s}")
+    print(f"\nGPT-2 tree: {n_params / 1e6:.1f}M parameters, jax {jax.__version__}, "
+          f"{jax.devices()[0].platform}")
+    print(header)
+    for name, r in rows.items():
+        r["time_ratio"] = r["update_s"] / base["update_s"]
+        r["state_ratio"] = r["state_bytes"] / base["state_bytes"]
+        print(f"{name:34s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
+              f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f} "
+              f"{r['xla_temp_bytes'] / 2**20:11.1f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"n_params": n_params, "jax": jax.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Per-unit inner state for ``omgd(..., state="frozen")``: PyTorch's behaviour in the paper's code.
+
+In the released code an inactive parameter gets no gradient, so AdamW skips it: its value, its
+moments and its own step count stay as they were, and it is not decayed. To reproduce that for
+any optax optimizer, the inner optimizer runs on every unit separately (every leaf; every layer
+of a stacked leaf, through `jax.vmap`), so every unit has its own step counter, and the new state
+of an inactive unit is discarded with `jnp.where`.
+
+The per-leaf states are stored transposed, with the structure of ``inner.init(params)`` (a
+params-shaped tree where optax has one, a params-shaped tree of counters where it has a scalar),
+so that `optax.tree.map_params` and `optax.tree.get` see a familiar state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from omgd_jax import layers as layers_lib
+
+
+def _stacked(plan: layers_lib.Plan, i: int) -> bool:
+    return plan.roles[i] == layers_lib.STACKED
+
+
+def outer_structure(plan: layers_lib.Plan, treedef) -> jax.tree_util.PyTreeDef:
+    """The params treedef with non-floating leaves removed (MaskedNode)."""
+    leaves = [optax.MaskedNode() if r == layers_lib.SKIP else 0 for r in plan.roles]
+    return jax.tree.structure(jax.tree.unflatten(treedef, leaves))
+
+
+def init_units(inners, plan: layers_lib.Plan, leaves, treedef):
+    """Runs ``inners[i].init`` on every floating leaf (vmapped over stacked layers), transposed."""
+    states = []
+    for i, (inner, leaf) in enumerate(zip(inners, leaves, strict=True)):
+        if plan.roles[i] == layers_lib.SKIP:
+            continue
+        init = jax.vmap(inner.init) if _stacked(plan, i) else inner.init
+        states.append(init(layers_lib.concrete(leaf)))
+    inner_defs = {jax.tree.structure(s) for s in states}
+    if len(inner_defs) != 1:
+        raise ValueError(
+            "state='frozen' runs the inner optimizer leaf by leaf, so its state must have the same "
+            "structure for every leaf; an optax.masked inside it breaks that. Give the mask to "
+            "omgd_adamw(mask=...) or use state='compact'"
+        )
+    inner_def = inner_defs.pop()
+    if inner_def.num_leaves == 0:  # a stateless inner optimizer: nothing to transpose
+        return states[0]
+    outer = outer_structure(plan, treedef)
+    return jax.tree.transpose(outer, inner_def, jax.tree.unflatten(outer, states))
+
+
+def split_units(inner, plan, leaves, treedef, state) -> list:
+    """Inverse of `init_units`' transposition: the per-leaf inner states (None for SKIP)."""
+    first = next(i for i, r in enumerate(plan.roles) if r != layers_lib.SKIP)
+    template = jax.eval_shape(
+        jax.vmap(inner.init) if _stacked(plan, first) else inner.init,
+        jax.ShapeDtypeStruct(leaves[first].shape, leaves[first].dtype),
+    )
+    outer = outer_structure(plan, treedef)
+    if jax.tree.structure(template).num_leaves == 0:
+        return [None if r == layers_lib.SKIP else state for r in plan.roles]
+    try:
+        per_leaf = outer.flatten_up_to(
+            jax.tree.transpose(jax.tree.structure(template), outer, state)
+        )
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "omgd: the update tree does not match the tree given to init "
+            f"({outer.num_leaves} floating leaves expected): {err}"
+        ) from None
+    it = iter(per_leaf)
+    return [None if r == layers_lib.SKIP else next(it) for r in plan.roles]
+
+
+def _keep(active: jax.Array, new: jax.Array, old: jax.Array, stacked: bool) -> jax.Array:
+    """``new`` where the unit is active, ``old`` elsewhere, broadcasting ``active`` sensibly."""
+    if active.ndim == 0:
+        return jnp.where(active, new, old)
+    if stacked:  # active: (N_L, 1, ..); state leaves of a vmapped init lead with N_L.
+        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    if active.shape == new.shape:  # element granularity: moments freeze per coordinate.
+        return jnp.where(active, new, old)
+    return jnp.where(jnp.any(active), new, old)  # counters etc. advance while any entry trains
+
+
+def update_units(inners, plan, grads, states, params, factors, extra_args):
+    """One step of every unit's inner optimizer; inactive units keep their state, update 0."""
+    updates, new_states = [], []
+    for i, g in enumerate(grads):
+        if plan.roles[i] == layers_lib.SKIP:
+            updates.append(g)
+            new_states.append(None)
+            continue
+        factor, stacked = factors[i], _stacked(plan, i)
+        p = None if params is None else params[i]
+
+        def step(g, s, p, inner=inners[i]):
+            return inner.update(g, s, p, **extra_args)
+
+        fn = jax.vmap(step, in_axes=(0, 0, None if p is None else 0)) if stacked else step
+        u, s = fn(g if factor is None else g * factor, states[i], p)
+        if factor is not None:
+            active = factor != 0
+            u = jnp.where(active, u, jnp.zeros_like(u))
+            s = jax.tree.map(lambda n, o, a=active, st=stacked: _keep(a, n, o, st), s, states[i])
+        updates.append(u)
+        new_states.append(s)
+    return updates, new_states
+
+
+def merge_units(plan, treedef, states):
+    """Transposes per-leaf states back into the stored layout."""
+    outer = outer_structure(plan, treedef)
+    kept = [s for s in states if s is not None]
+    inner_def = jax.tree.structure(kept[0])
+    if inner_def.num_leaves == 0:
+        return kept[0]
+    return jax.tree.transpose(outer, inner_def, jax.tree.unflatten(outer, kept))

@@ -1,0 +1,318 @@
+"""The mask schedule: which coordinates are active at a step, as a pure function of (key, step).
+
+OMGD (arXiv 2603.05960, Algorithm 1 and Fig. 1) splits training into *cycles*. At the start of
+cycle k the coordinates are partitioned into M disjoint groups; the cycle then walks through the
+M groups, without replacement, each held for K = ``steps_per_mask`` optimizer steps, so every
+coordinate is active exactly once per cycle and the masks satisfy the coverage requirement
+
+    sum_j S^(j) = M * 1   (S^(j) = M on group j, 0 elsewhere).
+
+Everything here is computed inside `jit` from the PRNG key and the step counter with
+`jax.random.fold_in(key, cycle)`: nothing lives on the host, so masks are checkpointable and
+identical on every host of a pod.
+
+Granularities (SPEC §1.2):
+  * ``"element"``: each scalar is a unit. ``layout="contiguous"`` (default) cuts every leaf's
+    flattened coordinates into M contiguous bands of ceil(n/M) (the last one shorter) and walks
+    through them in a random order, drawn afresh every cycle: balanced, two integer compares
+    that XLA fuses into the update, and the active share of a leaf is one window, which is what
+    lets `omgd` keep a compact optimizer state with `dynamic_slice` (SPEC §5). The bands
+    themselves are the same every cycle: a random rotation would make one band wrap around the
+    end of the leaf, and writing a wrapped window back costs several times the update on CPU.
+    ``layout="random"`` assigns every coordinate to a uniformly random group with a
+    counter-based hash, afresh every cycle: the fine-grained random partition of the theory,
+    for small problems and for `omgd_mask` (groups balanced in expectation only).
+  * ``"tensor"``: each floating leaf is a unit; a random permutation of the leaves is cut into M
+    groups of equal count (``balance="count"``) or of about equal element count (``"size"``).
+  * ``"layer"``: LISA-wor (Algorithm 2). The N_L transformer layers are permuted and cut into M
+    groups of gamma = N_L / M layers; everything that is not a layer is always active, scale 1.
+
+``traversal="iid"`` draws every phase's mask independently (one group of a fresh partition drawn
+from ``fold_in(key, phase)``): the same law per phase as ``"wor"``, but no coverage per cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from omgd_jax import layers as layers_lib
+
+GRANULARITIES = ("element", "tensor", "layer")
+TRAVERSALS = ("wor", "iid")
+LAYOUTS = ("contiguous", "random")
+BALANCES = ("count", "size")
+
+# Salts that separate the random streams derived from one key.
+_PARTITION, _ORDER, _PICK = 0, 1, 2
+
+
+class Phase(NamedTuple):
+    """Where a step falls in the traversal (all traced int32 / bool scalars)."""
+
+    masked: jax.Array  # False during the full-gradient warm-up.
+    cycle: jax.Array  # index of the cycle (wor) or of the phase (iid).
+    group: jax.Array  # which of the M groups of the cycle's partition is active.
+    phase_id: jax.Array  # changes exactly when the active group changes; -1 in warm-up.
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSchedule:
+    """Validated OMGD mask configuration; see the module docstring for the meaning.
+
+    ``num_masks`` may be None only for layer granularity with ``layers_per_phase`` given, in
+    which case M = N_L / gamma is fixed when the tree is first seen.
+    """
+
+    num_masks: int | None
+    steps_per_mask: int = 1
+    granularity: str = "element"
+    traversal: str = "wor"
+    scale: bool = True
+    warmup_steps: int = 0
+    layers: layers_lib.LayerSpec | None = None
+    layers_per_phase: int | None = None
+    layout: str = "contiguous"
+    balance: str = "count"
+    repartition: bool = True
+
+    def __post_init__(self):
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("traversal", self.traversal, TRAVERSALS)
+        _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("balance", self.balance, BALANCES)
+        _check_int("steps_per_mask", self.steps_per_mask, 1)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        for flag in ("scale", "repartition"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.layers_per_phase is not None:
+            if self.granularity != "layer":
+                raise ValueError("layers_per_phase is only used with granularity='layer'")
+            _check_int("layers_per_phase", self.layers_per_phase, 1)
+        if self.num_masks is None:
+            if self.layers_per_phase is None:
+                raise ValueError(
+                    "num_masks is required (an int >= 1); with granularity='layer' you may give "
+                    "layers_per_phase instead"
+                )
+        else:
+            _check_int("num_masks", self.num_masks, 1)
+        if self.granularity == "layer":
+            if self.layers is None:
+                raise ValueError(
+                    "granularity='layer' needs layers=: a regex on the '/'-joined key path "
+                    "(r'^blocks/' for stacked layers, r'h_(\\d+)/' for unrolled ones) or a "
+                    "callable (path, leaf) -> None | int | 'stacked'"
+                )
+            if not (isinstance(self.layers, str) or callable(self.layers)) and not hasattr(
+                self.layers, "pattern"
+            ):
+                raise TypeError(f"layers must be a regex string or a callable, got {self.layers!r}")
+            if self.num_masks is not None and self.layers_per_phase is not None:
+                raise ValueError(
+                    "give num_masks or layers_per_phase for granularity='layer', not both"
+                )
+        elif self.layers is not None:
+            raise ValueError("layers= is only used with granularity='layer'")
+
+    # ----------------------------------------------------------------------------------- plan
+    def plan(self, tree) -> layers_lib.Plan:
+        """Static roles of the leaves of ``tree``; checks the layer count against M."""
+        if self.granularity != "layer":
+            return layers_lib.plan_units(tree)
+        plan = layers_lib.plan_layers(tree, self.layers)
+        self.masks_for(plan)  # validates
+        return plan
+
+    def masks_for(self, plan: layers_lib.Plan) -> int:
+        """M for this tree (layer granularity: N_L / gamma when gamma is given)."""
+        if self.granularity != "layer":
+            return self.num_masks
+        n = plan.num_layers
+        if self.layers_per_phase is not None:
+            if self.layers_per_phase > n:
+                raise ValueError(
+                    f"layers_per_phase={self.layers_per_phase} is larger than the number of "
+                    f"layers ({n})"
+                )
+            if n % self.layers_per_phase:
+                raise ValueError(
+                    f"layers_per_phase={self.layers_per_phase} must divide the number of "
+                    f"layers ({n})"
+                )
+            return n // self.layers_per_phase
+        if self.num_masks > n:
+            raise ValueError(
+                f"num_masks={self.num_masks} is larger than the number of layers ({n})"
+            )
+        if n % self.num_masks:
+            raise ValueError(
+                f"num_masks={self.num_masks} must divide the number of layers ({n}) so that every "
+                "phase trains the same number of layers"
+            )
+        return self.num_masks
+
+    # ---------------------------------------------------------------------------------- phase
+    def phase(self, step: jax.Array, num_masks: int, mask_index: jax.Array | None = None) -> Phase:
+        """Cycle and group of optimizer step ``step`` (0-based, traced)."""
+        step = jnp.asarray(step, jnp.int32)
+        since = step - self.warmup_steps
+        masked = since >= 0
+        period = jnp.maximum(since, 0) // self.steps_per_mask
+        if self.traversal == "iid":
+            if mask_index is not None:
+                raise ValueError("mask_index is only meaningful with traversal='wor'")
+            cycle, group = period, jnp.int32(0)  # the group is drawn in `_groups`.
+            phase_id = period
+        else:
+            cycle = period // num_masks
+            group = period % num_masks if mask_index is None else jnp.asarray(mask_index, jnp.int32)
+            phase_id = cycle * num_masks + group
+        return Phase(masked, cycle, group, jnp.where(masked, phase_id, -1))
+
+    def _keys(self, key: jax.Array, phase: Phase) -> tuple[jax.Array, jax.Array]:
+        """(partition key, key of the label that is active) for this phase."""
+        cycle_key = jax.random.fold_in(key, phase.cycle)
+        partition_key = cycle_key if self.repartition else key
+        return (
+            jax.random.fold_in(partition_key, _PARTITION),
+            jax.random.fold_in(cycle_key, _ORDER),
+        )
+
+    def active_label(self, key: jax.Array, phase: Phase, num_masks: int) -> jax.Array:
+        """The partition label (0..M-1) active in this phase.
+
+        wor: a random order of the M labels per cycle, walked through by ``phase.group``.
+        iid: a uniformly random label, independently for every phase.
+        """
+        _, order_key = self._keys(key, phase)
+        if self.traversal == "iid":
+            return jax.random.randint(jax.random.fold_in(order_key, _PICK), (), 0, num_masks)
+        return jax.random.permutation(order_key, num_masks)[phase.group]
+
+    # --------------------------------------------------------------------- per-granularity maths
+    @staticmethod
+    def band(n: int, label: jax.Array, num_masks: int) -> tuple[jax.Array, int]:
+        """Element/contiguous: (start, c) of band ``label`` of a leaf of ``n`` coordinates.
+
+        Bands are [t c, (t + 1) c) with c = ceil(n / M): the (M, c) view of the flattened
+        leaf, the last band cut short at n.
+        """
+        c = -(-n // num_masks)
+        return label * c, c
+
+    def hash_seed(self, key: jax.Array, leaf_index: int) -> jax.Array:
+        """Element/random: the per-leaf uint32 seed of the hash partition."""
+        return jax.random.bits(jax.random.fold_in(key, leaf_index), (), jnp.uint32)
+
+    def tensor_labels(self, key: jax.Array, plan: layers_lib.Plan, num_masks: int) -> jax.Array:
+        """Tensor granularity: the partition label of every unit leaf (int32[num_units])."""
+        num = plan.num_units
+        order = jax.random.permutation(key, num)  # order[q] = unit at position q
+        if self.balance == "count":
+            rank = jnp.zeros(num, jnp.int32).at[order].set(jnp.arange(num, dtype=jnp.int32))
+            return rank * num_masks // num
+        sizes = jnp.asarray([plan.sizes[i] for i in plan.unit_leaves], jnp.float32)
+        sorted_sizes = sizes[order]
+        middle = jnp.cumsum(sorted_sizes) - 0.5 * sorted_sizes  # centre of each unit on the line
+        label_sorted = jnp.minimum(
+            (num_masks * middle / jnp.sum(sizes)).astype(jnp.int32), num_masks - 1
+        )
+        return jnp.zeros(num, jnp.int32).at[order].set(label_sorted)
+
+    def layer_ids(self, key: jax.Array, num_layers: int, label: jax.Array, num_masks: int):
+        """Layer granularity: the gamma = N_L / M layer indices with partition label ``label``."""
+        gamma = num_layers // num_masks
+        perm = jax.random.permutation(key, num_layers)
+        return jax.lax.dynamic_slice_in_dim(perm, label * gamma, gamma)
+
+    # ------------------------------------------------------------------------------ dense masks
+    def factors(
+        self,
+        plan: layers_lib.Plan,
+        leaves: list,
+        key: jax.Array,
+        step: jax.Array,
+        mask_index: jax.Array | None = None,
+    ) -> list[jax.Array | None]:
+        """Per leaf, the factor to multiply its gradient by: M (or 1) where active, 0 elsewhere.
+
+        Factors broadcast against their leaf: full-shape for element granularity, a scalar per
+        tensor, shape (N_L, 1, ..., 1) for stacked layers. None marks leaves passed through
+        untouched (non-floating leaves, and always-active leaves of layer granularity).
+        During the warm-up every factor is 1.
+        """
+        num_masks = self.masks_for(plan)
+        phase = self.phase(step, num_masks, mask_index)
+        partition_key, _ = self._keys(key, phase)
+        label = self.active_label(key, phase, num_masks)
+        kept = float(num_masks) if self.scale else 1.0
+        active = self._active(plan, leaves, partition_key, label, num_masks)
+        out = []
+        for leaf, act in zip(leaves, active, strict=True):
+            if act is None:
+                out.append(None)
+            else:
+                value = jnp.where(act, kept, 0.0).astype(leaf.dtype)
+                out.append(jnp.where(phase.masked, value, jnp.ones((), leaf.dtype)))
+        return out
+
+    def _active(self, plan, leaves, key, label, num_masks) -> list[jax.Array | None]:
+        """Per leaf, a boolean (broadcastable) activity array, or None for 'untouched'."""
+        roles = plan.roles
+        out: list[jax.Array | None] = [None] * len(leaves)
+        if self.granularity == "element":
+            for i in plan.unit_leaves:
+                leaf = leaves[i]
+                n = plan.sizes[i]
+                e = jnp.arange(n, dtype=jnp.int32).reshape(leaf.shape)
+                if self.layout == "contiguous":
+                    start, c = self.band(n, label, num_masks)
+                    out[i] = (e >= start) & (e < start + c)
+                else:
+                    h = mix32(e.astype(jnp.uint32) ^ self.hash_seed(key, i))
+                    out[i] = (h % jnp.uint32(num_masks)).astype(jnp.int32) == label
+        elif self.granularity == "tensor":
+            labels = self.tensor_labels(key, plan, num_masks)
+            for u, i in enumerate(plan.unit_leaves):
+                out[i] = labels[u] == label
+        else:
+            ids = self.layer_ids(key, plan.num_layers, label, num_masks)
+            on = jnp.zeros(plan.num_layers, bool).at[ids].set(True)
+            for i, role in enumerate(roles):
+                if role == layers_lib.STACKED:
+                    out[i] = on.reshape((-1,) + (1,) * (leaves[i].ndim - 1))
+                elif role == layers_lib.UNROLLED:
+                    out[i] = on[plan.layer_of[i]]
+        return out
+
+
+def mix32(x: jax.Array) -> jax.Array:
+    """A bijective uint32 mixing function (Wellons' lowbias32): a cheap counter-based hash.
+
+    jax.random would also do, but threefry over every coordinate at every step costs more than
+    the optimizer update itself on CPU; this is five integer ops that fuse into the update.
+    """
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)

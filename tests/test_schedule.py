@@ -1,0 +1,226 @@
+"""The mask schedule: coverage per cycle, values, keys, warm-up, layers (omgd_jax.schedule)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import omgd_jax
+from tests.conftest import masks_over, stacked_tree, tree_sum
+
+shapes = st.lists(
+    st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5
+)
+
+
+def make_tree(shape_list):
+    return {f"p{i}": jnp.ones(s) for i, s in enumerate(shape_list)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape_list=shapes,
+    num_masks=st.integers(1, 5),
+    steps=st.integers(1, 3),
+    granularity=st.sampled_from(["element", "tensor"]),
+    layout=st.sampled_from(["contiguous", "random"]),
+    balance=st.sampled_from(["count", "size"]),
+    seed=st.integers(0, 2**16),
+)
+def test_wor_masks_cover_every_coordinate_once_per_cycle(
+    shape_list, num_masks, steps, granularity, layout, balance, seed
+):
+    tree = make_tree(shape_list)
+    kw = {"layout": layout} if granularity == "element" else {"balance": balance}
+    tx = omgd_jax.omgd_mask(num_masks, steps, key=seed, granularity=granularity, **kw)
+    cycle = steps * num_masks
+    masks = masks_over(tx, tree, 2 * cycle)
+    for c in range(2):  # two cycles: the second has a fresh partition
+        total = tree_sum(masks[c * cycle : (c + 1) * cycle])
+        for leaf in jax.tree.leaves(total):
+            np.testing.assert_array_equal(leaf, steps * num_masks)
+    for m in masks:  # every kept entry is M, the rest 0
+        values = np.concatenate([np.ravel(x) for x in jax.tree.leaves(m)])
+        assert set(np.unique(values)) <= {0.0, float(num_masks)}
+
+
+@settings(max_examples=10, deadline=None)
+@given(gamma=st.integers(1, 3), num_masks=st.integers(1, 4), seed=st.integers(0, 999))
+def test_layer_wor_activates_every_layer_once_per_cycle(gamma, num_masks, seed):
+    tree = stacked_tree(num_layers=gamma * num_masks)
+    tx = omgd_jax.omgd_mask(
+        steps_per_mask=2, key=seed, granularity="layer", layers=r"^blocks/", layers_per_phase=gamma
+    )
+    masks = masks_over(tx, tree, 2 * num_masks)
+    for m in masks[::2]:  # each phase: exactly gamma layers, scaled by N_L / gamma = M
+        per_layer = np.asarray(m["blocks"]["ln"]["scale"][:, 0])
+        assert (
+            sorted(per_layer.tolist())
+            == [0.0] * (gamma * num_masks - gamma) + [float(num_masks)] * gamma
+        )
+        np.testing.assert_array_equal(m["wte"], 1.0)  # always active, scale 1
+        np.testing.assert_array_equal(m["ln_f"], 1.0)
+    total = tree_sum(masks)
+    np.testing.assert_array_equal(total["blocks"]["attn"]["kernel"], 2 * num_masks)
+    np.testing.assert_array_equal(total["wte"], 2 * num_masks)
+
+
+def test_iid_masks_have_the_right_law_but_not_coverage():
+    tree = {"w": jnp.ones((4,))}
+    tx = omgd_jax.omgd_mask(2, 1, key=0, granularity="element", traversal="iid", layout="random")
+    masks = masks_over(tx, tree, 40)
+    pairs = [tree_sum(masks[i : i + 2])["w"] for i in range(0, 40, 2)]
+    assert any(not np.all(np.asarray(p) == 2.0) for p in pairs)  # no per-cycle coverage
+    for m in masks:
+        assert set(np.unique(np.asarray(m["w"]))) <= {0.0, 2.0}
+
+
+def test_lisa_is_layer_iid_without_scale():
+    tree = stacked_tree(num_layers=6)
+    tx = omgd_jax.omgd_mask(
+        key=3,
+        granularity="layer",
+        traversal="iid",
+        scale=False,
+        layers=r"^blocks/",
+        layers_per_phase=2,
+    )
+    masks = masks_over(tx, tree, 30)
+    active = [np.flatnonzero(np.asarray(m["blocks"]["ln"]["scale"][:, 0])) for m in masks]
+    assert all(len(a) == 2 for a in active)
+    assert all(set(np.unique(np.asarray(m["blocks"]["ln"]["scale"]))) <= {0.0, 1.0} for m in masks)
+    # With replacement across phases: some cycle of 3 phases misses a layer.
+    cycles = [set(np.concatenate(active[i : i + 3]).tolist()) for i in range(0, 30, 3)]
+    assert any(len(c) < 6 for c in cycles)
+
+
+def test_same_key_same_masks_other_key_other_masks():
+    tree = {"a": jnp.ones((5, 3)), "b": jnp.ones((7,)), "c": jnp.ones((2, 2))}
+
+    def run(key):
+        return masks_over(omgd_jax.omgd_mask(3, 1, key=key, layout="random"), tree, 6)
+
+    same = jax.tree.map(np.array_equal, run(1), run(1))
+    assert all(jax.tree.leaves(same))
+    other = jax.tree.map(np.array_equal, run(1), run(2))
+    assert not all(jax.tree.leaves(other))
+    typed = jax.tree.map(np.array_equal, run(1), run(jax.random.key(1)))
+    assert all(jax.tree.leaves(typed))
+
+
+def test_contiguous_order_is_redrawn_every_cycle():
+    tree = {"w": jnp.ones((12,))}
+    masks = masks_over(omgd_jax.omgd_mask(4, 1, key=0), tree, 4 * 8)
+    orders = {
+        tuple(int(np.flatnonzero(np.asarray(masks[4 * c + j]["w"]))[0]) // 3 for j in range(4))
+        for c in range(8)
+    }
+    assert len(orders) > 1
+
+
+def test_repartition_false_keeps_the_partition():
+    tree = {f"p{i}": jnp.ones(()) for i in range(8)}
+    tx = omgd_jax.omgd_mask(2, 1, key=5, granularity="tensor", repartition=False)
+    masks = masks_over(tx, tree, 12)
+    groups = {frozenset(k for k, v in m.items() if v > 0) for m in masks}
+    assert len(groups) == 2  # the same two halves, cycle after cycle
+    tx = omgd_jax.omgd_mask(2, 1, key=5, granularity="tensor")
+    groups = {frozenset(k for k, v in m.items() if v > 0) for m in masks_over(tx, tree, 12)}
+    assert len(groups) > 2
+
+
+def test_warmup_steps_are_full_and_unscaled():
+    tree = {"w": jnp.ones((6,))}
+    masks = masks_over(omgd_jax.omgd_mask(3, 2, warmup_steps=4), tree, 10)
+    for m in masks[:4]:
+        np.testing.assert_array_equal(m["w"], 1.0)
+    np.testing.assert_array_equal(tree_sum(masks[4:10])["w"], 6.0)
+
+
+def test_mask_index_selects_the_mask_of_the_cycle():
+    tree = {"w": jnp.ones((8,))}
+    tx = omgd_jax.omgd_mask(4, 3, key=0)
+    state = tx.init(tree)
+    ones = {"w": jnp.ones(8)}
+    seen = []
+    for j in [2, 0, 3, 1]:  # any order within the cycle
+        u, state = tx.update(ones, state, tree, mask_index=j)
+        seen.append(np.asarray(u["w"]))
+    np.testing.assert_array_equal(sum(seen), 4.0)
+    u, _ = tx.update(ones, tx.init(tree), tree, mask_index=2)
+    np.testing.assert_array_equal(u["w"], seen[0])  # mask 2 of cycle 0, whatever the step
+
+
+def test_size_balance_splits_elements_evenly():
+    tree = {"big": jnp.ones((100,)), **{f"s{i}": jnp.ones((10,)) for i in range(10)}}
+    tx = omgd_jax.omgd_mask(2, 1, key=0, granularity="tensor", balance="size", scale=False)
+    for m in masks_over(tx, tree, 6):
+        kept = sum(int(np.sum(x)) for x in jax.tree.leaves(m))
+        assert 50 <= kept <= 150  # count balance would often give 100 +- 90
+
+
+def test_unrolled_layers_by_capture_group():
+    tree = {"emb": jnp.ones(3), **{f"h_{i}": {"w": jnp.ones((2, 2))} for i in range(4)}}
+    tx = omgd_jax.omgd_mask(2, 1, granularity="layer", layers=r"^h_(\d+)/")
+    masks = masks_over(tx, tree, 2)
+    for m in masks:
+        assert sum(float(m[f"h_{i}"]["w"][0, 0]) > 0 for i in range(4)) == 2
+    total = tree_sum(masks)
+    for i in range(4):
+        np.testing.assert_array_equal(total[f"h_{i}"]["w"], 2.0)
+    np.testing.assert_array_equal(total["emb"], 2.0)
+
+
+def test_non_float_leaves_pass_through():
+    tree = {"w": jnp.ones(4), "count": jnp.arange(3)}
+    grads = {"w": jnp.ones(4), "count": jnp.array([5, 6, 7])}
+    tx = omgd_jax.omgd_mask(2, 1)
+    u, _ = tx.update(grads, tx.init(tree), tree)
+    np.testing.assert_array_equal(u["count"], [5, 6, 7])
+    assert u["count"].dtype == grads["count"].dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_masks=0), "num_masks must be >= 1"),
+        (dict(num_masks=2, steps_per_mask=0), "steps_per_mask must be >= 1"),
+        (dict(num_masks=2.0), "num_masks must be an int"),
+        (dict(num_masks=2, granularity="row"), "granularity must be one of"),
+        (dict(num_masks=2, traversal="random"), "traversal must be one of"),
+        (dict(num_masks=2, layout="strided"), "layout must be one of"),
+        (dict(num_masks=2, balance="bytes"), "balance must be one of"),
+        (dict(num_masks=2, warmup_steps=-1), "warmup_steps must be >= 0"),
+        (dict(num_masks=2, granularity="layer"), "needs layers="),
+        (dict(num_masks=2, layers="x"), "only used with granularity='layer'"),
+        (dict(num_masks=2, key="seed"), "key must be an int seed"),
+        (dict(), "num_masks is required"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        omgd_jax.omgd_mask(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layers_per_phase=5), "larger than the number of layers"),
+        (dict(layers_per_phase=3), "must divide the number of layers"),
+        (dict(num_masks=8), "larger than the number of layers"),
+    ],
+)
+def test_layer_count_checks_when_the_tree_is_seen(kwargs, match):
+    tx = omgd_jax.omgd_mask(granularity="layer", layers=r"^blocks/", **kwargs)
+    tree = stacked_tree(num_layers=4)
+    with pytest.raises(ValueError, match=match):
+        tx.update(tree, tx.init(tree), tree)
+
+
+def test_layers_that_select_nothing_are_an_error():
+    tx = omgd_jax.omgd_mask(2, granularity="layer", layers=r"^decoder/")
+    tree = stacked_tree()
+    with pytest.raises(ValueError, match="selects no floating-point leaf"):
+        tx.update(tree, tx.init(tree), tree)
