@@ -73,33 +73,26 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
 
 
 def tree_bytes(tree) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-               if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    )
 
 
-def measure(tx, shapes, repeats: int) -> dict:
+def compile_step(tx, shapes) -> dict:
+    """Compiles one donated `update + apply_updates` step on abstract inputs."""
+
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     state_shapes = jax.eval_shape(tx.init, shapes)
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled = jitted.lower(shapes, state_shapes, shapes).compile()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state_shapes, shapes).compile()
     mem = compiled.memory_analysis()
-
-    key = jax.random.key(0)
-    params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
-    grads = jax.tree.map(lambda s: 1e-3 * jax.random.normal(key, s.shape, s.dtype), shapes)
-    state = jax.jit(tx.init)(params)
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        params, state = compiled(params, state, grads)
-        jax.block_until_ready((params, state))
-        if i >= 2:  # the first calls pay for allocation
-            times.append(time.perf_counter() - start)
     return {
-        "update_s": statistics.median(times),
+        "compiled": compiled,
+        "init": jax.jit(tx.init),
         "state_bytes": tree_bytes(state_shapes),
         "xla_argument_bytes": mem.argument_size_in_bytes,
         "xla_output_bytes": mem.output_size_in_bytes,
@@ -108,35 +101,69 @@ def measure(tx, shapes, repeats: int) -> dict:
     }
 
 
+def time_interleaved(steps: dict, shapes, repeats: int) -> dict[str, float]:
+    """Median step time per optimizer, timing them in turn, round after round.
+
+    Interleaving spreads any slow-down of the machine over all rows alike.
+    """
+    key = jax.random.key(0)
+    grads = jax.tree.map(lambda s: 1e-3 * jax.random.normal(key, s.shape, s.dtype), shapes)
+    live = {}
+    for name, step in steps.items():
+        params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
+        live[name] = (params, step["init"](params))
+    times = {name: [] for name in steps}
+    for i in range(repeats + 2):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            live[name] = step["compiled"](*live[name], grads)
+            jax.block_until_ready(live[name])
+            if i >= 2:  # the first calls pay for allocation
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON to this file")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per optimizer")
     parser.add_argument("--layers", type=int, default=12, help="transformer layers (12: 124M)")
-    parser.add_argument("--only", default="", help="regex: measure only matching optimizers "
-                        "(adamw, the baseline, always runs)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="regex: measure only matching optimizers (adamw, the baseline, always runs)",
+    )
     args = parser.parse_args(argv)
 
     shapes = gpt2_shapes(n_layer=args.layers)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-    rows = {}
+    steps = {}
     for name, tx in optimizers().items():
-        if name != "adamw" and not re.search(args.only, name):
-            continue
-        rows[name] = measure(tx, shapes, args.repeats)
-        print(f"measured {name}", flush=True)
+        if name == "adamw" or re.search(args.only, name):
+            steps[name] = compile_step(tx, shapes)
+    medians = time_interleaved(steps, shapes, args.repeats)
+    rows = {}
+    for name, step in steps.items():
+        rows[name] = {k: v for k, v in step.items() if k not in ("compiled", "init")}
+        rows[name]["update_s"] = medians[name]
     base = rows["adamw"]
-    header = (f"{'optimizer':34s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} "
-              f"{'x adamw':>7s} {'XLA temp MB':>11s}")
-    print(f"\nGPT-2 tree: {n_params / 1e6:.1f}M parameters, jax {jax.__version__}, "
-          f"{jax.devices()[0].platform}")
+    header = (
+        f"{'optimizer':34s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} "
+        f"{'x adamw':>7s} {'XLA temp MB':>11s}"
+    )
+    print(
+        f"\nGPT-2 tree: {n_params / 1e6:.1f}M parameters, jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}"
+    )
     print(header)
     for name, r in rows.items():
         r["time_ratio"] = r["update_s"] / base["update_s"]
         r["state_ratio"] = r["state_bytes"] / base["state_bytes"]
-        print(f"{name:34s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
-              f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f} "
-              f"{r['xla_temp_bytes'] / 2**20:11.1f}")
+        print(
+            f"{name:34s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
+            f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f} "
+            f"{r['xla_temp_bytes'] / 2**20:11.1f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"n_params": n_params, "jax": jax.__version__, "rows": rows}, f, indent=2)

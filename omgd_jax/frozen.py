@@ -81,7 +81,7 @@ def _keep(active: jax.Array, new: jax.Array, old: jax.Array, stacked: bool) -> j
         return jnp.where(active, new, old)
     if stacked:  # active: (N_L, 1, ..); state leaves of a vmapped init lead with N_L.
         return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    if active.shape == new.shape:  # element granularity: moments freeze per coordinate.
+    if active.ndim == new.ndim:  # element granularity: moments freeze per coordinate.
         return jnp.where(active, new, old)
     return jnp.where(jnp.any(active), new, old)  # counters etc. advance while any entry trains
 

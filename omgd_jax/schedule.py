@@ -174,9 +174,10 @@ class MaskSchedule:
     def phase(self, step: jax.Array, num_masks: int, mask_index: jax.Array | None = None) -> Phase:
         """Cycle and group of optimizer step ``step`` (0-based, traced)."""
         step = jnp.asarray(step, jnp.int32)
-        since = step - self.warmup_steps
-        masked = since >= 0
-        period = jnp.maximum(since, 0) // self.steps_per_mask
+        masked = step >= self.warmup_steps
+        # Phases count from step 0, not from the end of the warm-up, so a mask held for an
+        # epoch of batches stays aligned with the epochs (the paper's ``masks[t // n]``).
+        period = step // self.steps_per_mask
         if self.traversal == "iid":
             if mask_index is not None:
                 raise ValueError("mask_index is only meaningful with traversal='wor'")
@@ -283,11 +284,20 @@ class MaskSchedule:
             for i in plan.unit_leaves:
                 leaf = leaves[i]
                 n = plan.sizes[i]
-                e = jnp.arange(n, dtype=jnp.int32).reshape(leaf.shape)
                 if self.layout == "contiguous":
                     start, c = self.band(n, label, num_masks)
-                    out[i] = (e >= start) & (e < start + c)
+                    # Bands are whole blocks of the trailing axes whenever those divide c (GPT-2:
+                    # rows of a matrix, layers of a stacked leaf): decide per block and let the
+                    # factor broadcast, which keeps integer work out of the per-element loop.
+                    lead, block = leaf.ndim, 1
+                    while lead > 0 and c and c % (block * leaf.shape[lead - 1]) == 0:
+                        block *= leaf.shape[lead - 1]
+                        lead -= 1
+                    first = jnp.arange(0, n, block, dtype=jnp.int32)
+                    on = (first >= start) & (first < start + c)
+                    out[i] = on.reshape(leaf.shape[:lead] + (1,) * (leaf.ndim - lead))
                 else:
+                    e = jnp.arange(n, dtype=jnp.int32).reshape(leaf.shape)
                     h = mix32(e.astype(jnp.uint32) ^ self.hash_seed(key, i))
                     out[i] = (h % jnp.uint32(num_masks)).astype(jnp.int32) == label
         elif self.granularity == "tensor":

@@ -98,6 +98,8 @@ def omgd_mask(
         independently; with ``granularity="layer"`` and ``scale=False`` this is plain LISA).
       scale: multiply kept entries by M (layer granularity: the middle layers by N_L / gamma).
       warmup_steps: full-gradient steps before masking starts (scale 1 during the warm-up).
+        Phases count from step 0, so holds stay aligned with the loop's epochs; a warm-up
+        that is a multiple of ``num_masks * steps_per_mask`` starts on a whole cycle.
       layers: for ``granularity="layer"``: a regex matched against each leaf's '/'-joined key
         path. With a capture group, the group is the layer number of unrolled layers
         (``r"h_(\d+)/"``); without, matching leaves are stacked layers with the layer axis

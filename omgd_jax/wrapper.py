@@ -247,31 +247,14 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
         if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.omgd_active_state):
             raise ValueError("omgd: the update tree does not match the tree given to init")
 
-        def active_step(fresh: bool):
-            """Inner step on the view, from a fresh state when the mask has just changed.
-
-            Run as the branches of a `lax.cond`, which also materialises the view: fused into
-            the full-size write, its dynamic slices would block in-place updates.
-            """
-
-            def branch(old_state):
-                g_view = read(plan, num_masks, leaves, where)
-                g_view = [v if v is compact_lib.MASKED else v * factor for v in g_view]
-                p_view = None if p_leaves is None else read(plan, num_masks, p_leaves, where)
-                if fresh:
-                    start = unflat(p_view) if p_view is not None else _zeros(unflat(g_view))
-                    old_state = inner.init(start)
-                u_view, new_state = inner.update(
-                    unflat(g_view), old_state, unflat(p_view), **extra_args
-                )
-                return treedef.flatten_up_to(u_view), new_state
-
-            return branch
-
-        reset = phase.phase_id != state.omgd_phase
-        u_view, new_active = jax.lax.cond(
-            reset, active_step(True), active_step(False), state.omgd_active_state
-        )
+        g_view = read(plan, num_masks, leaves, where)
+        g_view = [v if v is compact_lib.MASKED else v * factor for v in g_view]
+        p_view = None if p_leaves is None else read(plan, num_masks, p_leaves, where)
+        fresh = inner.init(unflat(p_view) if p_view is not None else _zeros(unflat(g_view)))
+        reset = phase.phase_id != state.omgd_phase  # the mask changed: restart the inner state
+        old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
+        u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
+        u_view = _materialise(treedef.flatten_up_to(u_view), reset)
         out = write(plan, num_masks, u_view, leaves, where)
 
         new_dense = state.omgd_dense_state
@@ -305,6 +288,17 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
         return jax.tree.unflatten(treedef, out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _materialise(tree, pred):
+    """``tree`` unchanged, computed before anything that consumes it.
+
+    XLA:CPU would otherwise fuse the view's update into the full-size write, where its
+    reads of the parameters' window keep the parameter update from happening in place (a
+    full copy per leaf). The operands of a conditional are materialised; the identity
+    branches cost one pass over the view.
+    """
+    return jax.lax.cond(pred, lambda t: t, lambda t: jax.tree.map(lambda x: x + 0, t), tree)
 
 
 def _mask_fields(key):

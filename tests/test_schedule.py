@@ -133,10 +133,18 @@ def test_repartition_false_keeps_the_partition():
 
 def test_warmup_steps_are_full_and_unscaled():
     tree = {"w": jnp.ones((6,))}
-    masks = masks_over(omgd_jax.omgd_mask(3, 2, warmup_steps=4), tree, 10)
-    for m in masks[:4]:
+    masks = masks_over(omgd_jax.omgd_mask(3, 2, warmup_steps=6), tree, 12)
+    for m in masks[:6]:
         np.testing.assert_array_equal(m["w"], 1.0)
-    np.testing.assert_array_equal(tree_sum(masks[4:10])["w"], 6.0)
+    np.testing.assert_array_equal(tree_sum(masks[6:12])["w"], 6.0)  # cycle 1, whole
+
+
+def test_phases_stay_aligned_with_step_zero_after_a_warmup():
+    # Holds of K = 4 steps start at multiples of 4 whatever the warm-up (SPEC: masks[t // n]).
+    tree = {"w": jnp.ones((8,))}
+    masks = masks_over(omgd_jax.omgd_mask(2, 4, warmup_steps=3, layout="random"), tree, 16)
+    same = [bool(np.array_equal(masks[t]["w"], masks[t + 1]["w"])) for t in range(3, 15)]
+    assert same == [t % 4 != 3 for t in range(3, 15)]
 
 
 def test_mask_index_selects_the_mask_of_the_cycle():

