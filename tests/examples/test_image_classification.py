@@ -33,16 +33,18 @@ def test_missing_fashion_mnist_falls_back_to_digits(tmp_path):
 def test_wor_mask_trains_disjoint_halves_of_the_tensors():
     params = {f"w{i}": jnp.zeros(3) for i in range(6)}
     grads = jax.tree.map(jnp.ones_like, params)
-    tx = ic.make_tx("wor", jax.random.key(0), steps_per_epoch=1, epochs=8, warmup_epochs=1,
+    # Two warm-up epochs are one whole cycle (phases count from step 0): steps 2 and 3 are
+    # the two masks of cycle 1.
+    tx = ic.make_tx("wor", jax.random.key(0), steps_per_epoch=1, epochs=8, warmup_epochs=2,
                     weight_decay=0.0, momentum=0.0)
     state = tx.init(params)
     moved = []
-    for _ in range(3):  # warm-up step, then the two masks of the first cycle
+    for _ in range(4):
         u, state = tx.update(grads, state, params)
         moved.append({k: bool(jnp.any(v != 0)) for k, v in u.items()})
-    assert all(moved[0].values())
-    first = {k for k, v in moved[1].items() if v}
-    second = {k for k, v in moved[2].items() if v}
+    assert all(moved[0].values()) and all(moved[1].values())
+    first = {k for k, v in moved[2].items() if v}
+    second = {k for k, v in moved[3].items() if v}
     assert len(first) == len(second) == 3 and first.isdisjoint(second)
     u, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(u["w0"], -0.1 * np.ones(3))  # lr 0.1, scale 1 in the warm-up
