@@ -59,7 +59,7 @@ class Phase(NamedTuple):
     phase_id: jax.Array  # changes exactly when the active group changes; -1 in warm-up.
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
@@ -67,7 +67,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
@@ -94,19 +94,19 @@ class MaskSchedule:
     repartition: bool = True
 
     def __post_init__(self):
-        _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("traversal", self.traversal, TRAVERSALS)
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("balance", self.balance, BALANCES)
-        _check_int("steps_per_mask", self.steps_per_mask, 1)
-        _check_int("warmup_steps", self.warmup_steps, 0)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("traversal", self.traversal, TRAVERSALS)
+        check_choice("layout", self.layout, LAYOUTS)
+        check_choice("balance", self.balance, BALANCES)
+        check_int("steps_per_mask", self.steps_per_mask, 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
         for flag in ("scale", "repartition"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.layers_per_phase is not None:
             if self.granularity != "layer":
                 raise ValueError("layers_per_phase is only used with granularity='layer'")
-            _check_int("layers_per_phase", self.layers_per_phase, 1)
+            check_int("layers_per_phase", self.layers_per_phase, 1)
         if self.num_masks is None:
             if self.layers_per_phase is None:
                 raise ValueError(
@@ -114,7 +114,7 @@ class MaskSchedule:
                     "layers_per_phase instead"
                 )
         else:
-            _check_int("num_masks", self.num_masks, 1)
+            check_int("num_masks", self.num_masks, 1)
         if self.granularity == "layer":
             if self.layers is None:
                 raise ValueError(
@@ -189,7 +189,7 @@ class MaskSchedule:
             phase_id = cycle * num_masks + group
         return Phase(masked, cycle, group, jnp.where(masked, phase_id, -1))
 
-    def _keys(self, key: jax.Array, phase: Phase) -> tuple[jax.Array, jax.Array]:
+    def keys(self, key: jax.Array, phase: Phase) -> tuple[jax.Array, jax.Array]:
         """(partition key, key of the label that is active) for this phase."""
         cycle_key = jax.random.fold_in(key, phase.cycle)
         partition_key = cycle_key if self.repartition else key
@@ -204,7 +204,7 @@ class MaskSchedule:
         wor: a random order of the M labels per cycle, walked through by ``phase.group``.
         iid: a uniformly random label, independently for every phase.
         """
-        _, order_key = self._keys(key, phase)
+        _, order_key = self.keys(key, phase)
         if self.traversal == "iid":
             return jax.random.randint(jax.random.fold_in(order_key, _PICK), (), 0, num_masks)
         return jax.random.permutation(order_key, num_masks)[phase.group]
@@ -263,7 +263,7 @@ class MaskSchedule:
         """
         num_masks = self.masks_for(plan)
         phase = self.phase(step, num_masks, mask_index)
-        partition_key, _ = self._keys(key, phase)
+        partition_key, _ = self.keys(key, phase)
         label = self.active_label(key, phase, num_masks)
         kept = float(num_masks) if self.scale else 1.0
         active = self._active(plan, leaves, partition_key, label, num_masks)

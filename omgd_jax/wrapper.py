@@ -13,7 +13,7 @@ from optax._src import numerics
 from omgd_jax import compact as compact_lib
 from omgd_jax import frozen as frozen_lib
 from omgd_jax import layers as layers_lib
-from omgd_jax.schedule import MaskSchedule, _check_choice
+from omgd_jax.schedule import MaskSchedule, check_choice
 from omgd_jax.transforms import canonical_key, check_key
 
 STATES = ("compact", "frozen")
@@ -147,7 +147,7 @@ def omgd(
         balance,
         repartition,
     )
-    _check_choice("state", state, STATES)
+    check_choice("state", state, STATES)
     check_key(key)
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {inner!r}")
@@ -236,7 +236,7 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
         plan = schedule.plan(updates)
         num_masks = schedule.masks_for(plan)
         phase = schedule.phase(state.omgd_step, num_masks, mask_index)
-        pkey, _ = schedule._keys(state.omgd_key, phase)
+        pkey, _ = schedule.keys(state.omgd_key, phase)
         label = schedule.active_label(state.omgd_key, phase, num_masks)
         where = schedule.layer_ids(pkey, plan.num_layers, label, num_masks) if layer else label
         factor = float(num_masks) if schedule.scale else 1.0
