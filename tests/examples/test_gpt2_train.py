@@ -5,7 +5,12 @@ run exactly (through the AdamW -> OMGD switch, with OMGD's PRNG key and counters
 exits with a sentence; metrics, plot and demo plumbing.
 """
 
+import dataclasses
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -230,3 +235,30 @@ def test_plot_and_demo(data_dir, tmp_path, monkeypatch, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = plot_runs([tmp_path / "adamw", tmp_path / "omgd-layer"], tmp_path / "again.png")
     assert again.stat().st_size > 10_000
+
+
+_MULTI_DEVICE_RUN = """
+import json, sys
+from examples.gpt2.config import Config
+from examples.gpt2.train import train
+import jax
+assert jax.device_count() == 8, jax.devices()
+cfg = Config(**json.loads(sys.argv[1]))
+train(cfg)
+"""
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_eight_cpu_devices_match_one(data_dir, tmp_path, fsdp):
+    """The mesh path: 8 forced host devices (batch split, FSDP params/state) == 1 device."""
+    kw = dict(optimizer="omgd-layer", steps=6, batch_size=8, warmup_masks=2, steps_per_mask=2,
+              eval_every=6, checkpoint_every=6)
+    train(_cfg(data_dir, tmp_path / "one", **kw))
+    many = dataclasses.asdict(_cfg(data_dir, tmp_path / "many", fsdp=fsdp, **kw))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    subprocess.run([sys.executable, "-c", _MULTI_DEVICE_RUN, json.dumps(many)], check=True,
+                   env=env, cwd=str(pathlib.Path(__file__).resolve().parents[2]), timeout=600)
+    _, one = _losses(tmp_path / "one")
+    _, eight = _losses(tmp_path / "many")
+    assert len(one) == 6 and one[0] != one[-1]
+    np.testing.assert_allclose(eight, one, rtol=2e-4)
