@@ -262,3 +262,51 @@ def test_eight_cpu_devices_match_one(data_dir, tmp_path, fsdp):
     _, eight = _losses(tmp_path / "many")
     assert len(one) == 6 and one[0] != one[-1]
     np.testing.assert_allclose(eight, one, rtol=2e-4)
+
+
+def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
+    """Multi-host path: `jax.distributed.initialize` over 127.0.0.1, 2 processes x 2 devices,
+    each feeding its share of the batch (`make_array_from_process_local_data`)."""
+    import socket
+
+    kw = dict(optimizer="omgd-layer", steps=4, batch_size=8, warmup_masks=2, steps_per_mask=2,
+              eval_every=4, checkpoint_every=4)
+    train(_cfg(data_dir, tmp_path / "one", **kw))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = json.dumps(dataclasses.asdict(_cfg(data_dir, tmp_path / "two", **kw)))
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MULTI_PROCESS_RUN, cfg],
+            env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                     XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outputs.append(p.communicate()[0])
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    assert all("process_count=2 device_count=4" in o for o in outputs), outputs
+    _, one = _losses(tmp_path / "one")
+    _, two = _losses(tmp_path / "two")
+    assert len(one) == 4
+    np.testing.assert_allclose(two, one, rtol=2e-4)
+
+
+_MULTI_PROCESS_RUN = """
+import json, sys
+import jax
+from examples.gpt2.config import Config
+from examples.gpt2.train import train
+train(Config(**json.loads(sys.argv[1])))
+print(f"process_count={jax.process_count()} device_count={jax.device_count()}", flush=True)
+"""
