@@ -51,7 +51,7 @@ def open_data(cfg: Config, vocab_size: int):
     Bad data (missing, empty, smaller than one batch, ids beyond the vocabulary) exits with a
     sentence.
     """
-    from examples.gpt2.data import EpochBatches, TokenDataset
+    from examples.gpt2.loader import EpochBatches, TokenDataset
 
     n = cfg.batch_size * cfg.grad_accum
     try:

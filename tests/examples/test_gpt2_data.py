@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from examples.gpt2 import data, fetch
+from examples.gpt2 import data, fetch, loader
 
 EOT = 50256
 
@@ -170,7 +170,7 @@ def test_openwebtext_without_datasets_is_a_clear_error(monkeypatch):
 def test_nanogpt_prepared_data_loads_and_get_batch_matches_nanogpt(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 50257, size=400).astype(np.uint16)
     root = _make_split_dir(tmp_path / "nanogpt", tokens)
-    ds = data.TokenDataset(root, "train")
+    ds = loader.TokenDataset(root, "train")
     assert ds.meta is None and len(ds) == 400
     assert np.array_equal(np.asarray(ds.tokens), tokens)
 
@@ -184,8 +184,8 @@ def test_nanogpt_prepared_data_loads_and_get_batch_matches_nanogpt(tmp_path):
 
 def test_epoch_batches_cover_each_window_once_and_resume_exactly(tmp_path):
     root = _make_split_dir(tmp_path / "d", np.arange(1000, dtype=np.uint16))
-    ds = data.TokenDataset(root, "train")
-    it = data.EpochBatches(ds, batch_size=4, context=10, seed=7)
+    ds = loader.TokenDataset(root, "train")
+    it = loader.EpochBatches(ds, batch_size=4, context=10, seed=7)
     assert (it.n_windows, it.batches_per_epoch) == (99, 24)
     batches = [next(it) for _ in range(30)]  # crosses the epoch boundary at step 24
     for x, y in batches:
@@ -196,53 +196,53 @@ def test_epoch_batches_cover_each_window_once_and_resume_exactly(tmp_path):
     assert not np.array_equal(starts0[:24], starts1)  # epoch 1 is reshuffled
     assert it.epoch == 1
 
-    saver = data.EpochBatches(ds, batch_size=4, context=10, seed=7)
+    saver = loader.EpochBatches(ds, batch_size=4, context=10, seed=7)
     for _ in range(17):
         next(saver)
     state = json.loads(json.dumps(saver.state_dict()))
-    resumed = data.EpochBatches(ds, batch_size=4, context=10, seed=7)
+    resumed = loader.EpochBatches(ds, batch_size=4, context=10, seed=7)
     resumed.load_state_dict(state)
     for want_x, want_y in batches[17:]:
         got_x, got_y = next(resumed)
         assert np.array_equal(got_x, want_x) and np.array_equal(got_y, want_y)
 
-    other = data.EpochBatches(ds, batch_size=4, context=10, seed=8)
+    other = loader.EpochBatches(ds, batch_size=4, context=10, seed=8)
     with pytest.raises(ValueError, match="seed=7"):
         other.load_state_dict(state)
-    ordered = data.EpochBatches(ds, batch_size=4, context=10, shuffle=False)
+    ordered = loader.EpochBatches(ds, batch_size=4, context=10, shuffle=False)
     assert next(ordered)[0][:, 0].tolist() == [0, 10, 20, 30]
 
 
 def test_loader_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=r"nope.*python -m examples\.gpt2\.data"):
-        data.TokenDataset(missing, "train")
+        loader.TokenDataset(missing, "train")
     root = tmp_path / "partial"
     root.mkdir()
     _nanogpt_write(root / "train.bin", np.arange(30, dtype=np.uint16))
     with pytest.raises(FileNotFoundError, match="val.bin"):
-        data.TokenDataset(root, "val")
+        loader.TokenDataset(root, "val")
     (root / "val.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
-        data.TokenDataset(root, "val")
+        loader.TokenDataset(root, "val")
     (root / "val.bin").write_bytes(b"\x00\x01\x02")
     with pytest.raises(ValueError, match="not a multiple of 2"):
-        data.TokenDataset(root, "val")
+        loader.TokenDataset(root, "val")
     with pytest.raises(ValueError, match="allowed: train, val"):
-        data.TokenDataset(root, "test")
+        loader.TokenDataset(root, "test")
 
 
 def test_corpus_smaller_than_one_batch(tmp_path):
     root = _make_split_dir(tmp_path / "small", np.arange(22, dtype=np.uint16))
-    ds = data.TokenDataset(root, "train")
+    ds = loader.TokenDataset(root, "train")
     rng = np.random.default_rng(0)
     x, _ = ds.get_batch(rng, batch_size=2, context=10)  # exactly 2 * (10 + 1) tokens: fits
     assert x.shape == (2, 10)
-    assert data.EpochBatches(ds, batch_size=2, context=10).batches_per_epoch == 1
+    assert loader.EpochBatches(ds, batch_size=2, context=10).batches_per_epoch == 1
     with pytest.raises(ValueError, match=r"fewer than one batch.*= 24"):
         ds.get_batch(rng, batch_size=2, context=11)
     with pytest.raises(ValueError, match="fewer than one batch"):
-        data.EpochBatches(ds, batch_size=3, context=10)
+        loader.EpochBatches(ds, batch_size=3, context=10)
     with pytest.raises(ValueError, match="context must be a positive integer"):
         ds.get_batch(rng, batch_size=2, context=0)
 
