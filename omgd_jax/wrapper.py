@@ -243,7 +243,7 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
         unflat = lambda xs: None if xs is None else jax.tree.unflatten(treedef, xs)
 
         view_shapes, _ = shapes(plan, num_masks, leaves)
-        expected = inner.init(_zeros(unflat(view_shapes)))
+        expected = jax.eval_shape(inner.init, unflat(view_shapes))  # trace-time check only
         if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.omgd_active_state):
             raise ValueError("omgd: the update tree does not match the tree given to init")
 

@@ -219,6 +219,18 @@ def _cached(key, build):
     return _JIT_CACHE[key]
 
 
+# The settings that define the OMGD optimizer (and so its compiled step and its state layout).
+OMGD_FIELDS = (
+    "optimizer",
+    "omgd_state",
+    "num_masks",
+    "layers_per_phase",
+    "steps_per_mask",
+    "warmup_masks",
+    "mask_seed",
+)
+
+
 def _compile_key(cfg: Config, stage: str) -> tuple:
     """The settings an optimizer stage's compiled step depends on (shapes are jit's business)."""
     names = [
@@ -236,15 +248,7 @@ def _compile_key(cfg: Config, stage: str) -> tuple:
         "grad_clip",
     ]
     if stage == "omgd":
-        names += [
-            "optimizer",
-            "omgd_state",
-            "num_masks",
-            "layers_per_phase",
-            "steps_per_mask",
-            "warmup_masks",
-            "mask_seed",
-        ]
+        names += OMGD_FIELDS
     return tuple(getattr(cfg, n) for n in names)
 
 
@@ -300,20 +304,7 @@ def abstract_with_keys_as_data(abstract, shardings):
 
 def run_identity(cfg: Config) -> dict:
     """What a checkpoint must agree on to be resumed: model, optimizer and state layout."""
-    keys = (
-        "preset",
-        "optimizer",
-        "omgd_state",
-        "num_masks",
-        "layers_per_phase",
-        "steps_per_mask",
-        "warmup_masks",
-        "mask_seed",
-        "seed",
-        "block_size",
-        "batch_size",
-        "grad_accum",
-    )
+    keys = ("preset", *OMGD_FIELDS, "seed", "block_size", "batch_size", "grad_accum")
     return {k: getattr(cfg, k) for k in keys}
 
 
