@@ -73,6 +73,25 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_key(key) -> None:
+    """Raises unless ``key`` is an int seed, a typed PRNG key or a raw uint32[2] key."""
+    is_int = isinstance(key, int) and not isinstance(key, bool)
+    is_typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    is_raw = getattr(key, "shape", None) == (2,) and getattr(key, "dtype", None) == "uint32"
+    if not (is_int or (is_typed and key.shape == ()) or is_raw):
+        raise TypeError(f"key must be an int seed or a single jax PRNG key, got {key!r}")
+
+
+def canonical_key(key: jax.Array | int) -> jax.Array:
+    """`jax.random.key(key)` for an int, a typed key as it is, a raw uint32[2] key wrapped."""
+    check_key(key)
+    if isinstance(key, int):
+        return jax.random.key(key)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSchedule:
     """Validated OMGD mask configuration; see the module docstring for the meaning.

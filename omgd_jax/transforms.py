@@ -9,7 +9,7 @@ import optax
 from optax._src import numerics
 
 from omgd_jax import layers as layers_lib
-from omgd_jax.schedule import MaskSchedule
+from omgd_jax.schedule import MaskSchedule, canonical_key, check_key
 
 
 class OmgdMaskState(NamedTuple):
@@ -17,25 +17,6 @@ class OmgdMaskState(NamedTuple):
 
     omgd_key: jax.Array  # typed PRNG key; every cycle's partition is fold_in(omgd_key, cycle).
     omgd_step: jax.Array  # int32, optimizer steps taken (warm-up included).
-
-
-def check_key(key) -> None:
-    """Raises unless ``key`` is an int seed, a typed PRNG key or a raw uint32[2] key."""
-    is_int = isinstance(key, int) and not isinstance(key, bool)
-    is_typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    is_raw = getattr(key, "shape", None) == (2,) and getattr(key, "dtype", None) == "uint32"
-    if not (is_int or (is_typed and key.shape == ()) or is_raw):
-        raise TypeError(f"key must be an int seed or a single jax PRNG key, got {key!r}")
-
-
-def canonical_key(key: jax.Array | int) -> jax.Array:
-    """`jax.random.key(key)` for an int, a typed key as it is, a raw uint32[2] key wrapped."""
-    check_key(key)
-    if isinstance(key, int):
-        return jax.random.key(key)
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
 
 
 def init_mask_state(key: jax.Array | int) -> OmgdMaskState:

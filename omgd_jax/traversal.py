@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from omgd_jax.transforms import canonical_key
+from omgd_jax.schedule import canonical_key
 
 
 def joint_traversal(

@@ -13,8 +13,7 @@ from optax._src import numerics
 from omgd_jax import compact as compact_lib
 from omgd_jax import frozen as frozen_lib
 from omgd_jax import layers as layers_lib
-from omgd_jax.schedule import MaskSchedule, check_choice
-from omgd_jax.transforms import canonical_key, check_key
+from omgd_jax.schedule import MaskSchedule, canonical_key, check_choice, check_key
 
 STATES = ("compact", "frozen")
 
