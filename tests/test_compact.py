@@ -15,7 +15,7 @@ import omgd_jax
 from examples.gpt2.model import GPT, get_config
 from omgd_jax import compact
 from omgd_jax import layers as layers_lib
-from tests.conftest import stacked_tree
+from tests.conftest import random_tree, stacked_tree
 
 
 @settings(max_examples=30, deadline=None)
@@ -105,16 +105,8 @@ def test_unrolled_layers_of_different_shapes_are_an_error():
         tx.init(tree)
 
 
-def random_like(tree, seed):
-    keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(tree)))
-    leaves = [
-        jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves(tree), strict=True)
-    ]
-    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
-
-
 def test_compact_state_with_unrolled_layers_equals_the_stacked_one_step_for_step():
-    params_stacked = random_like(stacked_tree(num_layers=4), 0)
+    params_stacked = random_tree(stacked_tree(num_layers=4), 0)
     params_unrolled = unrolled_tree(params_stacked)
 
     def make(layers):
@@ -126,7 +118,7 @@ def test_compact_state_with_unrolled_layers_equals_the_stacked_one_step_for_step
     step_s, step_u = jax.jit(tx_s.update), jax.jit(tx_u.update)
     p_s, p_u = params_stacked, params_unrolled
     for t in range(3 * 2 * 2):  # three cycles of 2 masks x 2 steps
-        g = random_like(params_stacked, 100 + t)
+        g = random_tree(params_stacked, 100 + t)
         u_s, s_s = step_s(g, s_s, p_s)
         u_u, s_u = step_u(unrolled_tree(g), s_u, p_u)
         p_s, p_u = optax.apply_updates(p_s, u_s), optax.apply_updates(p_u, u_u)
