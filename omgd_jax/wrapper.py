@@ -126,8 +126,8 @@ def omgd(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an `OmgdCompactState` or an
-      `OmgdFrozenState`; extra args (``mask_index``, see :func:`omgd_jax.omgd_mask`, and
-      anything else) are forwarded to ``inner``.
+      `OmgdFrozenState`. ``update`` takes the extra argument ``mask_index`` (see
+      :func:`omgd_jax.omgd_mask`) and forwards every other extra argument to ``inner``.
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax

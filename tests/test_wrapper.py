@@ -1,4 +1,4 @@
-"""`omgd`, `omgd_adamw`: the masks of `omgd_mask` in either state, and the checks (omgd_jax.wrapper)."""
+"""`omgd`, `omgd_adamw`: the masks of `omgd_mask` in either state; the checks (omgd_jax.wrapper)."""
 
 import jax
 import jax.numpy as jnp
