@@ -29,6 +29,9 @@ Granularities (SPEC §1.2):
 
 ``traversal="iid"`` draws every phase's mask independently (one group of a fresh partition drawn
 from ``fold_in(key, phase)``): the same law per phase as ``"wor"``, but no coverage per cycle.
+
+`MaskSchedule.active` is the one place that turns (key, step) into what is active (phase, label,
+layer ids, factor); the dense masks of `omgd_mask` and the compact and frozen states read it.
 """
 
 from __future__ import annotations
@@ -364,7 +367,7 @@ class MaskSchedule:
         """
         active = self.active(plan, key, step, mask_index)
         out = []
-        for leaf, on in zip(leaves, self._active(plan, leaves, active), strict=True):
+        for leaf, on in zip(leaves, self._activity(plan, leaves, active), strict=True):
             if on is None:
                 out.append(None)
             else:
@@ -372,7 +375,7 @@ class MaskSchedule:
                 out.append(jnp.where(active.phase.masked, value, jnp.ones((), leaf.dtype)))
         return out
 
-    def _active(self, plan, leaves, active: Active) -> list[jax.Array | None]:
+    def _activity(self, plan, leaves, active: Active) -> list[jax.Array | None]:
         """Per leaf, a boolean (broadcastable) activity array, or None for 'untouched'."""
         roles = plan.roles
         key, label, num_masks = active.partition_key, active.label, active.num_masks

@@ -38,7 +38,7 @@ def masked_updates(schedule: MaskSchedule, updates, state: OmgdMaskState, mask_i
     plan = schedule.plan(updates)
     factors = schedule.factors(plan, leaves, state.omgd_key, state.omgd_step, mask_index)
     out = [u if f is None else u * f for u, f in zip(leaves, factors, strict=True)]
-    return jax.tree.unflatten(treedef, out), plan
+    return jax.tree.unflatten(treedef, out)
 
 
 def omgd_mask(
@@ -130,7 +130,7 @@ def omgd_mask(
 
     def update_fn(updates, state, params=None, *, mask_index=None, **extra_args):
         del params, extra_args
-        updates, _ = masked_updates(schedule, updates, state, mask_index)
+        updates = masked_updates(schedule, updates, state, mask_index)
         return updates, state._replace(omgd_step=optax.safe_increment(state.omgd_step))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

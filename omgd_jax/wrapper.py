@@ -26,8 +26,8 @@ from omgd_jax.schedule import (
     check_key,
 )
 
-StateLayout = Literal["compact", "frozen"]
-STATES = get_args(StateLayout)
+StateKind = Literal["compact", "frozen"]
+STATES = get_args(StateKind)
 
 # Arguments of `omgd`, `omgd_mask` and `omgd_adamw` that shape the computation rather than
 # being hyperparameters: `optax.inject_hyperparams(f, static_args=omgd_jax.static_args(f))`.
@@ -59,7 +59,7 @@ def omgd(
     num_masks: int | None = None,
     steps_per_mask: int = 1,
     *,
-    state: StateLayout = "compact",
+    state: StateKind = "compact",
     key: jax.Array | int = 0,
     granularity: Granularity = "element",
     traversal: Traversal = "wor",
@@ -126,8 +126,8 @@ def omgd(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an `OmgdCompactState` or an
-      `OmgdFrozenState`; extra args (``mask_index``, see :func:`omgd_jax.omgd_mask`, and
-      anything else) are forwarded to ``inner``.
+      `OmgdFrozenState`. ``update`` takes the extra argument ``mask_index`` (see
+      :func:`omgd_jax.omgd_mask`) and forwards every other extra argument to ``inner``.
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax
@@ -148,12 +148,12 @@ def omgd(
       Language Models, arXiv 2404.02827, 2024.
     """
     schedule = MaskSchedule.from_args(locals())
-    state_layout = check_choice("state", state, STATES)
+    state_kind = check_choice("state", state, STATES)
     check_key(key)
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {inner!r}")
     inner = optax.with_extra_args_support(inner)
-    if state_layout == "compact":
+    if state_kind == "compact":
         return omgd_compact(inner, schedule, key)
     return omgd_frozen(inner, schedule, key)
 
@@ -171,7 +171,7 @@ def omgd_adamw(
     nesterov: bool = False,
     num_masks: int | None = None,
     steps_per_mask: int = 1,
-    state: StateLayout = "compact",
+    state: StateKind = "compact",
     key: jax.Array | int = 0,
     granularity: Granularity = "element",
     traversal: Traversal = "wor",
@@ -247,7 +247,7 @@ def omgd_adamw(
       Loshchilov and Hutter, Decoupled Weight Decay Regularization, arXiv 1711.05101, 2019.
     """
     schedule = MaskSchedule.from_args(locals())
-    state_layout = check_choice("state", state, STATES)
+    state_kind = check_choice("state", state, STATES)
     check_key(key)
 
     def adam_with_decay(decay: bool, decay_mask=None):
@@ -256,7 +256,7 @@ def omgd_adamw(
             optax.add_decayed_weights(weight_decay, decay_mask) if decay else optax.identity(),
         )
 
-    if state_layout == "compact":
+    if state_kind == "compact":
         inner = optax.with_extra_args_support(adam_with_decay(True, mask))
         wrapped = omgd_compact(inner, schedule, key)
     else:

@@ -31,6 +31,15 @@ def masks_over(tx, tree, steps, **extra):
     return out
 
 
+def random_tree(tree, seed):
+    """A tree shaped like ``tree`` with standard normal leaves drawn from ``seed``."""
+    keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(tree)))
+    leaves = [
+        jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves(tree), strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+
+
 def tree_sum(trees):
     return jax.tree.map(lambda *xs: sum(xs), *trees)
 

@@ -48,9 +48,44 @@ def test_init_on_shapes_and_stable_state_under_jit(name):
 
 
 @pytest.mark.parametrize("name", FACTORIES)
-def test_unknown_extra_args_are_accepted(name):
+def test_unknown_extra_args_are_accepted_and_change_nothing(name):
     tx, params = FACTORIES[name](), stacked_tree()
-    tx.update(params, tx.init(params), params, some_loss=jnp.float32(1.0))
+    grads = jax.tree.map(lambda x: 0.5 * x, params)
+    state = tx.init(params)
+    with_extra, _ = tx.update(grads, state, params, some_loss=jnp.float32(1.0))
+    without, _ = tx.update(grads, state, params)
+    jax.tree.map(np.testing.assert_array_equal, with_extra, without)
+
+
+def recording_identity(calls):
+    """An inner optimizer that passes updates through and records the extra args it gets."""
+
+    def update(updates, state, params=None, **extra_args):
+        calls.append(extra_args)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+@pytest.mark.parametrize(
+    "state, kwargs, inner_calls",
+    [
+        ("compact", dict(), 1),  # one call on the view of the windows
+        ("compact", dict(granularity="layer", layers=r"^blocks/"), 2),  # view and dense part
+        ("frozen", dict(), 4),  # one call per floating leaf
+        ("frozen", dict(granularity="layer", layers=r"^blocks/"), 4),
+    ],
+)
+def test_extra_args_are_forwarded_to_the_inner_optimizer(state, kwargs, inner_calls):
+    calls = []
+    tx = omgd_jax.omgd(recording_identity(calls), 2, state=state, **kwargs)
+    params = stacked_tree()
+    loss = jnp.float32(3.5)
+    tx.update(params, tx.init(params), params, mask_index=1, some_loss=loss)
+    assert len(calls) == inner_calls
+    for extra in calls:  # mask_index is the wrapper's; everything else reaches the inner
+        assert set(extra) == {"some_loss"}
+        assert float(extra["some_loss"]) == 3.5
 
 
 def test_chain_and_named_chain_find_the_state():
@@ -79,12 +114,26 @@ def test_inject_hyperparams_with_static_args():
     state.hyperparams["learning_rate"] = jnp.asarray(0.2)
     u2, _ = tx.update(g, state, params)
     np.testing.assert_allclose(u2["w"], 2 * u1["w"], rtol=1e-6)
+    # A schedule as the learning rate: step t uses schedule(t), inside the hyperparams.
     sched = make(learning_rate=optax.linear_schedule(0.1, 0.0, 10), num_masks=2)
-    sched.update(g, sched.init(params), params)
+    constant = make(learning_rate=0.1, num_masks=2)
+    s_sched, s_const = sched.init(params), constant.init(params)
+    u_sched, s_sched = sched.update(g, s_sched, params)
+    u_const, s_const = constant.update(g, s_const, params)
+    np.testing.assert_allclose(u_sched["w"], u_const["w"], rtol=1e-6)  # schedule(0) = 0.1
+    _, s_sched = sched.update(g, s_sched, params)
+    assert float(s_sched.hyperparams["learning_rate"]) == pytest.approx(0.09)  # schedule(1)
+    # omgd_mask under inject_hyperparams: the same masks as without it.
     masked = optax.inject_hyperparams(
         omgd_jax.omgd_mask, static_args=omgd_jax.static_args(omgd_jax.omgd_mask)
     )(2, 1, key=3)
-    masked.update(g, masked.init(params), params)
+    plain = omgd_jax.omgd_mask(2, 1, key=3)
+    s_masked, s_plain = masked.init(params), plain.init(params)
+    for _ in range(2):
+        u_masked, s_masked = masked.update(g, s_masked, params)
+        u_plain, s_plain = plain.update(g, s_plain, params)
+        np.testing.assert_array_equal(u_masked["w"], u_plain["w"])
+    assert float(jnp.sum(u_plain["w"])) == 8.0  # half of the 8 entries at M = 2
 
 
 def test_multisteps_phases_count_optimizer_steps():
