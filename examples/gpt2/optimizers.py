@@ -6,7 +6,8 @@ One definition serves the training program and the benchmarks (`benchmarks/`):
 * `lr_schedule`: linear warm-up then cosine decay to `min_lr`;
 * `stages` / `stage_at`: with compact OMGD state and `--warmup-masks` > 0 a run trains plain AdamW
   first, then switches to the OMGD optimizer (stage "adamw", then "omgd");
-* `make_optimizer(cfg, stage)`: clip_by_global_norm -> AdamW or OMGD-wrapped AdamW;
+* `make_optimizer(cfg, stage)`: clip_by_global_norm -> `base_optimizer(cfg, stage)`, AdamW or
+  OMGD-wrapped AdamW;
 * `tree_bytes`: the bytes a state pytree holds (how every memory figure here is measured).
 """
 
@@ -81,21 +82,24 @@ def adamw_kwargs(cfg: Config) -> dict:
     )
 
 
-def make_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW (stage 'adamw') or OMGD-wrapped AdamW (stage 'omgd').
+def base_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:
+    """AdamW (stage 'adamw') or OMGD-wrapped AdamW (stage 'omgd'), without the clipping.
 
     Raises the library's ValueError / TypeError for settings it refuses.
     """
     sched = lr_schedule(cfg)
     if stage == "adamw":
-        inner = optax.adamw(sched, **adamw_kwargs(cfg))
-    else:
-        lr = sched
-        if two_stage(cfg):  # the OMGD optimizer starts counting at the switch
-            shift = cfg.warmup_masks
-            lr = lambda t: sched(t + shift)
-        inner = omgd_jax.omgd_adamw(lr, **adamw_kwargs(cfg), **omgd_kwargs(cfg))
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
+        return optax.adamw(sched, **adamw_kwargs(cfg))
+    lr = sched
+    if two_stage(cfg):  # the OMGD optimizer starts counting at the switch
+        shift = cfg.warmup_masks
+        lr = lambda t: sched(t + shift)
+    return omgd_jax.omgd_adamw(lr, **adamw_kwargs(cfg), **omgd_kwargs(cfg))
+
+
+def make_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:
+    """What a stage trains with: clip_by_global_norm -> `base_optimizer(cfg, stage)`."""
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base_optimizer(cfg, stage))
 
 
 def tree_bytes(tree, under: str | None = None) -> int:
