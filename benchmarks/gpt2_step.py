@@ -1,9 +1,10 @@
 """Memory of one GPT-2-124M training step per optimizer (XLA-compiled, nothing allocated), plus
 tiny-preset throughput: `python -m benchmarks.gpt2_step --out benchmarks/results/gpt2_step.json`.
 
-For each optimizer choice of `examples.gpt2.train` the jitted step (donated params and optimizer
-state, clip -> optimizer, micro-batch `--batch-size` x 1024) is lowered on abstract inputs
-(`jax.ShapeDtypeStruct`, `nnx.eval_shape`) and compiled for this machine's backend;
+For each optimizer choice of `examples.gpt2.train` the example's own jitted step
+(`compile_stage`: donated params and optimizer state, clip -> optimizer, micro-batch
+`--batch-size` x 1024) is lowered on abstract inputs (`jax.ShapeDtypeStruct`, `nnx.eval_shape`)
+and compiled for this machine's backend;
 `compiled.memory_analysis()` gives argument / output / temp / alias bytes. The optimizer-state
 bytes come from the abstract state pytree. The OMGD optimizers are measured in their masking
 stage (the state they hold after the AdamW warm-up). Then every optimizer trains the tiny preset
@@ -21,11 +22,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from examples.gpt2.config import Config, finalize
-from examples.gpt2.model import GPT, get_config
-from examples.gpt2.train import make_optimizer, make_train_step, tree_bytes
+from examples.gpt2.model import get_config
+from examples.gpt2.optimizers import stages, tree_bytes
+from examples.gpt2.train import TrainState, abstract_model, compile_stage, init_params, make_mesh
 
 CHOICES = [
     ("adamw", {}),
@@ -41,37 +42,25 @@ def _name(opt, extra):
     return opt + (f" ({extra['omgd_state']})" if "omgd_state" in extra else "")
 
 
-def _setup(cfg):
-    stage = "adamw" if cfg.optimizer == "adamw" else "omgd"
+def _stage(cfg):
+    """The example's model config and compiled step in the run's last (masking) stage."""
     mcfg = get_config(cfg.preset, dtype=cfg.dtype, remat=cfg.remat)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(mcfg, nnx.Rngs(0))), nnx.Param)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
-    tx = make_optimizer(cfg, stage)
-    opt = jax.eval_shape(tx.init, params)
-    step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0, 1))
-    return mcfg, graphdef, params, tx, opt, step
+    graphdef, params = abstract_model(mcfg)
+    return mcfg, compile_stage(cfg, stages(cfg)[-1], graphdef, params, make_mesh())
 
 
 def memory_row(opt, extra, batch, dtype, remat):
-    cfg = finalize(
-        Config(
-            preset="gpt2-124m",
-            optimizer=opt,
-            batch_size=batch,
-            grad_accum=1,
-            dtype=dtype,
-            remat=remat,
-            **extra,
-        )
-    )
-    _, _, params, _, opt_state, step = _setup(cfg)
+    cfg = Config(preset="gpt2-124m", optimizer=opt, batch_size=batch, grad_accum=1, dtype=dtype,
+                 remat=remat, **extra)  # fmt: skip
+    cfg = finalize(cfg)
+    _, stage = _stage(cfg)
     x = jax.ShapeDtypeStruct((1, batch, cfg.block_size), jnp.int32)
     t = time.perf_counter()
-    m = step.lower(params, opt_state, x, x).compile().memory_analysis()
+    m = stage.step.lower(stage.abstract, x, x).compile().memory_analysis()
     row = {
         "optimizer": _name(opt, extra),
-        "param_bytes": tree_bytes(params),
-        "opt_state_bytes": tree_bytes(opt_state),
+        "param_bytes": tree_bytes(stage.abstract.params),
+        "opt_state_bytes": tree_bytes(stage.abstract.opt_state),
         "argument_bytes": m.argument_size_in_bytes,
         "output_bytes": m.output_size_in_bytes,
         "temp_bytes": m.temp_size_in_bytes,
@@ -91,18 +80,18 @@ def throughput(choices, timed):
     runs = []
     for opt, extra in choices:
         cfg = finalize(Config(preset="tiny", optimizer=opt, warmup_masks=0, **extra))
-        mcfg, _, _, tx, _, step = _setup(cfg)
-        params = nnx.to_pure_dict(nnx.state(GPT(mcfg, nnx.Rngs(0)), nnx.Param))
+        mcfg, stage = _stage(cfg)
+        params = init_params(mcfg, 0)
         rng = np.random.default_rng(0)
         shape = (cfg.grad_accum, cfg.batch_size, cfg.block_size)
         x, y = (jnp.asarray(rng.integers(0, 50257, shape), jnp.int32) for _ in range(2))
-        carry = step(params, tx.init(params), x, y)  # compile + one step
-        jax.block_until_ready(carry)
+        state, _ = stage.step(TrainState(params, stage.init(params)), x, y)  # compile + one step
+        jax.block_until_ready(state)
         runs.append(
             {
                 "name": _name(opt, extra),
-                "step": step,
-                "carry": carry,
+                "step": stage.step,
+                "state": state,
                 "xy": (x, y),
                 "tokens": int(np.prod(shape)),
                 "times": [],
@@ -111,8 +100,8 @@ def throughput(choices, timed):
     for _ in range(timed):
         for r in runs:
             t = time.perf_counter()
-            r["carry"] = r["step"](*r["carry"][:2], *r["xy"])
-            jax.block_until_ready(r["carry"])
+            r["state"], _ = r["step"](r["state"], *r["xy"])
+            jax.block_until_ready(r["state"])
             r["times"].append(time.perf_counter() - t)
     return [
         {

@@ -3,7 +3,10 @@
 For every optimizer: the median wall time of one jitted `update + apply_updates` step with the
 parameters and optimizer state donated, the optimizer-state bytes (from the state pytree), and
 the XLA-compiled memory of the step (`.lower(abstract inputs).compile().memory_analysis()`).
-Everything runs in one process, side by side, and is reported relative to AdamW.
+Everything runs in one process, side by side, and is reported relative to AdamW. The tree is the
+GPT-2 example's model (`nnx.eval_shape`), the optimizers are the example's at the gpt2-124m
+preset (`base_optimizer`: AdamW with its decay mask and schedule, or OMGD around it; the
+gradient clipping before them is left out, as it costs every row the same).
 
     python -m benchmarks.update_cost --out benchmarks/results/update_cost.json
 """
@@ -18,66 +21,41 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import omgd_jax
-
-ADAMW = dict(b1=0.9, b2=0.95, weight_decay=0.1)
-
-
-def gpt2_shapes(n_layer=12, d=768, vocab=50304, context=1024) -> dict:
-    """The GPT-2-124M parameter tree as nanoGPT has it, transformer blocks stacked on axis 0."""
-    L = n_layer
-    f32 = jnp.float32
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, f32)
-    return {
-        "wte": s(vocab, d),
-        "wpe": s(context, d),
-        "blocks": {
-            "ln_1": {"scale": s(L, d), "bias": s(L, d)},
-            "attn": {
-                "c_attn": {"kernel": s(L, d, 3 * d), "bias": s(L, 3 * d)},
-                "c_proj": {"kernel": s(L, d, d), "bias": s(L, d)},
-            },
-            "ln_2": {"scale": s(L, d), "bias": s(L, d)},
-            "mlp": {
-                "c_fc": {"kernel": s(L, d, 4 * d), "bias": s(L, 4 * d)},
-                "c_proj": {"kernel": s(L, 4 * d, d), "bias": s(L, d)},
-            },
-        },
-        "ln_f": {"scale": s(d), "bias": s(d)},
-    }
+from examples.gpt2.config import Config, finalize
+from examples.gpt2.model import get_config
+from examples.gpt2.optimizers import adamw_kwargs, base_optimizer, lr_schedule, tree_bytes
+from examples.gpt2.train import abstract_model
 
 
-def decay_mask(params):
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+def gpt2_shapes(n_layer: int = 12) -> dict:
+    """The GPT-2-124M parameter tree of the example's model (blocks stacked on axis 0), abstract."""
+    return abstract_model(get_config("gpt2-124m", n_layer=n_layer))[1]
 
 
 def optimizers() -> dict[str, optax.GradientTransformation]:
-    lr = 6e-4
-    out = {"adamw": optax.adamw(lr, mask=decay_mask, **ADAMW)}
+    """The example's optimizers (gpt2-124m preset, masking from the first step)."""
+
+    def cfg(**kw):
+        return finalize(Config(preset="gpt2-124m", warmup_masks=0, **kw))
+
+    adamw = cfg()
+    out = {"adamw": base_optimizer(adamw, "adamw")}
     out["mask(element,M=4)+adamw"] = optax.chain(
-        omgd_jax.omgd_mask(4, 100), optax.adamw(lr, mask=decay_mask, **ADAMW)
+        omgd_jax.omgd_mask(4, adamw.steps_per_mask),
+        optax.adamw(lr_schedule(adamw), **adamw_kwargs(adamw)),
     )
     for m in (2, 4, 8):
-        out[f"omgd(adamw,element,M={m})"] = omgd_jax.omgd_adamw(
-            lr, mask=decay_mask, num_masks=m, steps_per_mask=100, **ADAMW
+        out[f"omgd(adamw,element,M={m})"] = base_optimizer(
+            cfg(optimizer="omgd-element", num_masks=m), "omgd"
         )
-    layer = dict(granularity="layer", layers=r"^blocks/", layers_per_phase=3, steps_per_mask=100)
-    out["omgd(adamw,layer,3/12)"] = omgd_jax.omgd_adamw(lr, mask=decay_mask, **layer, **ADAMW)
-    out["omgd(adamw,layer,3/12,frozen)"] = omgd_jax.omgd_adamw(
-        lr, mask=decay_mask, state="frozen", **layer, **ADAMW
+    out["omgd(adamw,layer,3/12)"] = base_optimizer(cfg(optimizer="omgd-layer"), "omgd")
+    out["omgd(adamw,layer,3/12,frozen)"] = base_optimizer(
+        cfg(optimizer="omgd-layer", omgd_state="frozen"), "omgd"
     )
     return out
-
-
-def tree_bytes(tree) -> int:
-    return sum(
-        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-        for x in jax.tree.leaves(tree)
-        if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-    )
 
 
 def compile_step(tx, shapes) -> dict:
@@ -135,7 +113,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    shapes = gpt2_shapes(n_layer=args.layers)
+    shapes = gpt2_shapes(args.layers)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     steps = {}
     for name, tx in optimizers().items():

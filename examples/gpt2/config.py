@@ -9,57 +9,80 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
+from typing import Literal
 
 from examples.gpt2.model import PRESETS
 
-OPTIMIZERS = ("adamw", "omgd-layer", "lisa", "omgd-element", "omgd-tensor")
+Optimizer = Literal["adamw", "omgd-layer", "lisa", "omgd-element", "omgd-tensor"]
+OPTIMIZERS = typing.get_args(Optimizer)
+
+
+def option(default, help: str | None = None, *, choices=None, flag: str | None = None):
+    """A Config field and its command-line flag: `--<name>` unless `flag` says otherwise;
+    choices from a `Literal` annotation or `choices`."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
 class Config:
-    """Everything a run depends on. `None` fields are filled from `PRESET_DEFAULTS`."""
+    """Everything a run depends on. `None` fields are filled from `PRESET_DEFAULTS` by `finalize`.
 
-    preset: str = "tiny"
-    optimizer: str = "adamw"
-    data: str = "data/sotu"
-    out_dir: str = "runs/gpt2"
-    steps: int | None = None  # optimizer steps (each = grad_accum micro-batches)
-    resume: bool = False
-    seed: int = 0
-    batch_size: int | None = None  # micro-batch, global over all devices and hosts
-    grad_accum: int | None = None
-    block_size: int | None = None  # sequence length; default the preset's context
-    dtype: str = "float32"  # compute dtype; parameters and optimizer state are float32
-    remat: bool = False
-    # AdamW recipe (SPEC 1.5): beta (0.9, 0.95), lr 6e-4, warm-up + cosine to 6e-5, wd 0.1, clip 1
-    lr: float | None = None
-    min_lr: float | None = None
-    lr_warmup: int | None = None  # linear lr warm-up steps
-    lr_decay_steps: int | None = None  # end of the cosine (default: steps)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    # OMGD
-    num_masks: int | None = None  # M; layer granularity: n_layer // layers_per_phase
-    layers_per_phase: int | None = None  # gamma
-    steps_per_mask: int | None = None  # K
-    warmup_masks: int | None = None  # full-gradient (plain AdamW) steps before masking starts
-    omgd_state: str | None = None  # "compact" | "frozen" (omgd-tensor: frozen only)
-    mask_seed: int | None = None  # key of the mask schedule (default: seed)
-    # bookkeeping
-    eval_every: int | None = None
-    eval_iters: int | None = None
-    log_every: int = 10
-    checkpoint_every: int | None = None
-    keep: int = 3
-    fsdp: bool = False
-    distributed: bool = (
-        False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+    The command-line flags are these fields (`build_parser`): `--out-dir` for `out_dir`;
+    booleans that default to True are turned off with `--no-<name>`.
+    """
+
+    preset: str = option("tiny", choices=tuple(sorted(PRESETS)))
+    optimizer: Optimizer = option("adamw")
+    data: str = option("data/sotu", "directory with train.bin and val.bin (uint16 tokens)")
+    out_dir: str = option("runs/gpt2", "metrics.jsonl, TensorBoard events, checkpoints")
+    steps: int | None = option(None, "optimizer steps (each = grad_accum micro-batches)")
+    resume: bool = option(False, "continue from the latest checkpoint in --out-dir")
+    seed: int = option(0)
+    batch_size: int | None = option(None, "global micro-batch (sequences, all devices and hosts)")
+    grad_accum: int | None = option(None, "micro-batches per optimizer step")
+    block_size: int | None = option(None, "sequence length (default: the preset's context)")
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32", "compute dtype; parameters and optimizer state stay float32"
     )
-    progress: bool = True
-    tensorboard: bool = True
+    remat: bool = option(False, "recompute block activations in the backward pass")
+    # AdamW recipe (SPEC 1.5): beta (0.9, 0.95), lr 6e-4, warm-up + cosine to 6e-5, wd 0.1, clip 1
+    lr: float | None = option(None, "peak learning rate")
+    min_lr: float | None = option(None, "final learning rate of the cosine")
+    lr_warmup: int | None = option(None, "linear learning-rate warm-up steps")
+    lr_decay_steps: int | None = option(None, "steps of warm-up + cosine (default: --steps)")
+    weight_decay: float = option(0.1)
+    beta1: float = option(0.9)
+    beta2: float = option(0.95)
+    grad_clip: float = option(1.0)
+    # OMGD
+    num_masks: int | None = option(None, "M (layer granularity: n_layer / gamma)")
+    layers_per_phase: int | None = option(
+        None, "gamma: layers trained per phase (omgd-layer, lisa)"
+    )
+    steps_per_mask: int | None = option(None, "K: optimizer steps each mask is held")
+    warmup_masks: int | None = option(None, "full-gradient AdamW steps before masking starts")
+    omgd_state: Literal["compact", "frozen"] | None = option(
+        None,
+        "compact: state for the active share only; frozen: full state, inactive kept "
+        "(default: compact; omgd-tensor: frozen)",
+    )
+    mask_seed: int | None = option(None, "seed of the mask schedule (default: --seed)")
+    # bookkeeping
+    eval_every: int | None = option(None)
+    eval_iters: int | None = option(None, "validation batches per evaluation")
+    log_every: int = option(10)
+    checkpoint_every: int | None = option(None)
+    keep: int = option(3, "checkpoints to keep")
+    fsdp: bool = option(False, "shard parameters and optimizer state over devices")
+    distributed: bool = option(
+        False, "call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)"
+    )
+    progress: bool = option(True, "tqdm progress bar")
+    tensorboard: bool = option(True, "TensorBoard events in --out-dir/tb")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -122,136 +145,89 @@ class ConfigError(ValueError):
 
 
 def finalize(cfg: Config) -> Config:
-    """Fills preset defaults and checks the combination. Raises ConfigError with a clear message."""
+    """A copy with the preset's defaults filled in, checked. Raises ConfigError with a sentence.
+
+    What `omgd_jax` checks itself (layers_per_phase against the model's layers, num_masks and
+    steps_per_mask >= 1, granularities without compact state) is left to it: `train` turns its
+    ValueError into a ConfigError when it builds the optimizer.
+    """
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-    cfg = dataclasses.replace(cfg)
-    for k, v in PRESET_DEFAULTS[cfg.preset].items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
     model = PRESETS[cfg.preset]
-    n_layer = model.n_layer
-    if cfg.block_size is None:
-        cfg.block_size = model.block_size
-    if cfg.lr_decay_steps is None:
-        cfg.lr_decay_steps = cfg.steps
-    if cfg.mask_seed is None:
-        cfg.mask_seed = cfg.seed
-    if cfg.omgd_state is None:
-        cfg.omgd_state = "frozen" if cfg.optimizer == "omgd-tensor" else "compact"
-    positive = (
-        "steps",
-        "batch_size",
-        "grad_accum",
-        "block_size",
-        "steps_per_mask",
-        "layers_per_phase",
-        "eval_every",
-        "eval_iters",
-        "log_every",
-        "checkpoint_every",
-        "keep",
+    defaults = dict(
+        PRESET_DEFAULTS[cfg.preset],
+        block_size=model.block_size,
+        lr_decay_steps=cfg.steps or PRESET_DEFAULTS[cfg.preset]["steps"],
+        mask_seed=cfg.seed,
+        omgd_state="frozen" if cfg.optimizer == "omgd-tensor" else "compact",
     )
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    positive = ("steps", "batch_size", "grad_accum", "block_size", "eval_every", "eval_iters",
+                "log_every", "checkpoint_every", "keep")  # fmt: skip
     for name in positive:
         if getattr(cfg, name) <= 0:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}"
-            )
+            raise ConfigError(f"{flag_of(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.warmup_masks < 0:
         raise ConfigError(f"--warmup-masks must be >= 0, got {cfg.warmup_masks}")
     if cfg.block_size > model.block_size:
         raise ConfigError(
             f"--block-size {cfg.block_size} exceeds the {cfg.preset} context {model.block_size}"
         )
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.omgd_state not in ("compact", "frozen"):
-        raise ConfigError(f"--omgd-state must be compact or frozen, got {cfg.omgd_state!r}")
-    if cfg.optimizer == "omgd-tensor" and cfg.omgd_state == "compact":
-        raise ConfigError("omgd-tensor has no compact state: use --omgd-state frozen")
     if cfg.optimizer in ("omgd-layer", "lisa"):
+        # The library takes gamma (layers_per_phase); M = n_layer / gamma follows from it.
         g = cfg.layers_per_phase
-        if g > n_layer:
-            raise ConfigError(
-                f"--layers-per-phase {g} exceeds the {n_layer} layers of {cfg.preset}"
-            )
-        if n_layer % g:
-            raise ConfigError(
-                f"--layers-per-phase {g} must divide the {n_layer} layers of "
-                f"{cfg.preset} (a cycle is n_layer / gamma phases)"
-            )
         if cfg.num_masks is None:
-            cfg.num_masks = n_layer // g
-        elif cfg.num_masks * g != n_layer:
+            cfg.num_masks = model.n_layer // max(g, 1)
+        elif cfg.num_masks * g != model.n_layer:
             raise ConfigError(
                 f"--num-masks {cfg.num_masks} x --layers-per-phase {g} must equal "
-                f"the {n_layer} layers of {cfg.preset}"
+                f"the {model.n_layer} layers of {cfg.preset}"
             )
     elif cfg.num_masks is None:
         # element: the same 1/4 share as gamma = 3 of 12 layers; tensor: the paper's r = 0.5.
         cfg.num_masks = 2 if cfg.optimizer == "omgd-tensor" else 4
-    if cfg.num_masks < 1:
-        raise ConfigError(f"--num-masks must be >= 1, got {cfg.num_masks}")
     return cfg
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of a Config field."""
+    field = {f.name: f for f in dataclasses.fields(Config)}[name]
+    return field.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def _type_and_choices(annotation):
+    """(argparse type, choices) of a field annotation: `int | None` -> int; Literal -> choices."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return _type_and_choices(args[0])
+    if typing.get_origin(annotation) is Literal:
+        return type(args[0]), args
+    return annotation, None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field: its name, type, choices, default and help come from the field."""
     p = argparse.ArgumentParser(
         prog="python -m examples.gpt2.train",
         description="Train GPT-2 (nanoGPT recipe) with AdamW, OMGD or LISA. Unset flags take the "
         "preset's defaults.",
     )
-    a = p.add_argument
-    a("--preset", default="tiny", choices=sorted(PRESETS))
-    a("--optimizer", default="adamw", choices=OPTIMIZERS)
-    a("--data", default="data/sotu", help="directory with train.bin and val.bin (uint16 tokens)")
-    a("--out-dir", default="runs/gpt2", help="metrics.jsonl, TensorBoard events, checkpoints")
-    a("--steps", type=int, help="optimizer steps")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
-    a("--seed", type=int, default=0)
-    a("--batch-size", type=int, help="global micro-batch (sequences)")
-    a("--grad-accum", type=int, help="micro-batches per optimizer step")
-    a("--block-size", type=int, help="sequence length (default: the preset's context)")
-    a("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    a("--remat", action="store_true", help="recompute block activations in the backward pass")
-    a("--lr", type=float, help="peak learning rate")
-    a("--min-lr", type=float, help="final learning rate of the cosine")
-    a("--lr-warmup", type=int, help="linear learning-rate warm-up steps")
-    a("--lr-decay-steps", type=int, help="steps of warm-up + cosine (default: --steps)")
-    a("--weight-decay", type=float, default=0.1)
-    a("--grad-clip", type=float, default=1.0)
-    a("--num-masks", type=int, help="M (layer granularity: n_layer / gamma)")
-    a("--layers-per-phase", type=int, help="gamma: layers trained per phase (omgd-layer, lisa)")
-    a("--steps-per-mask", type=int, help="K: optimizer steps each mask is held")
-    a("--warmup-masks", type=int, help="full-gradient AdamW steps before masking starts")
-    a(
-        "--omgd-state",
-        choices=("compact", "frozen"),
-        help="compact: state for the active share only; frozen: full state, inactive kept",
-    )
-    a("--mask-seed", type=int, help="seed of the mask schedule (default: --seed)")
-    a("--eval-every", type=int)
-    a("--eval-iters", type=int, help="validation batches per evaluation")
-    a("--log-every", type=int, default=10)
-    a("--checkpoint-every", type=int)
-    a("--keep", type=int, default=3, help="checkpoints to keep")
-    a("--fsdp", action="store_true", help="shard parameters and optimizer state over devices")
-    a("--distributed", action="store_true", help="call jax.distributed.initialize()")
-    a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    a("--no-tensorboard", dest="tensorboard", action="store_false")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        help_ = f.metadata.get("help")
+        kind, choices = _type_and_choices(hints[f.name])
+        if kind is bool:
+            # False by default: --name turns it on; True by default: --no-name turns it off.
+            on = f.default is False
+            name = flag_of(f.name) if on else "--no-" + f.name.replace("_", "-")
+            action = "store_true" if on else "store_false"
+            p.add_argument(name, dest=f.name, action=action, help=help_)
+        else:
+            p.add_argument(flag_of(f.name), type=kind, default=f.default, help=help_,
+                           choices=f.metadata.get("choices") or choices)  # fmt: skip
     return p
-
-
-def parse_args(argv=None) -> Config:
-    """Parses flags into a finalized Config; bad input exits through argparse with a message."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        return finalize(Config(**vars(ns)))
-    except ConfigError as e:
-        parser.error(str(e))
 
 
 def load_run_config(out_dir: str | Path) -> dict:

@@ -14,7 +14,7 @@ document and writes ``train.bin``/``val.bin`` as flat native-endian ``uint16`` a
 the format of nanoGPT's ``data/openwebtext/prepare.py``, plus a small ``meta.json``. Data
 prepared by nanoGPT loads here (``meta.json`` is optional) and ours loads in nanoGPT.
 
-Loading the prepared splits is ``loader.py``'s job.
+Loading the prepared splits is ``loader.py``'s job (it also defines the format's constants).
 
 CLI: ``python -m examples.gpt2.data --source {sotu,text,openwebtext} [--path P]
 [--out-dir DIR] [--val-fraction F] [--seed S]``.
@@ -23,34 +23,27 @@ CLI: ``python -m examples.gpt2.data --source {sotu,text,openwebtext} [--path P]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import tarfile
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import tiktoken
 from tqdm.auto import tqdm
 
 from examples.gpt2 import fetch
+from examples.gpt2.loader import DEFAULT_SEED, FORMAT, META_FILE, SPLITS, TOKEN_DTYPE, read_meta
 
 SOURCES = ("sotu", "text", "openwebtext")
-SPLITS = ("train", "val")
 TEXT_SUFFIXES = (".txt", ".md")
 DEFAULT_VAL_FRACTION = 0.05
 MIN_VAL_FRACTION = 0.0
 MAX_VAL_FRACTION = 0.5
-DEFAULT_SEED = 0
-#: Token storage type, as in nanoGPT (GPT-2's 50257 ids fit in 16 bits).
-TOKEN_DTYPE = np.uint16
-META_FILE = "meta.json"
-FORMAT = "nanogpt-uint16"
 
 _SOTU_MEMBER = re.compile(r"^package/data/(\d{4})_(.+)_([a-z]+)\.json$")
 
@@ -220,22 +213,6 @@ def _ranks_sha256(enc: tiktoken.Encoding) -> str | None:
     return fetch.R50K_SHA256 if enc.name == fetch.ENCODING_NAME else None
 
 
-@contextlib.contextmanager
-def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
-    """Write to a temp file next to ``path`` and rename it over ``path`` only on success, so
-    an interrupted preparation never leaves a truncated file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _write_split(
     path: Path,
     documents: Sequence[Document],
@@ -247,7 +224,7 @@ def _write_split(
     """Tokenize ``documents[indices]`` in batches, append EOT per document, write uint16 to
     ``path`` atomically (temp file + rename). Returns the number of tokens written."""
     n_tokens = 0
-    with _atomic_open(path, "wb") as f:
+    with fetch.atomic_open(path, "wb") as f:
         for start in range(0, len(indices), batch_docs):
             batch = [documents[int(i)].text for i in indices[start : start + batch_docs]]
             flat: list[int] = []
@@ -310,7 +287,7 @@ def prepare(
         "n_docs": len(documents),
         "splits": splits,
     }
-    with _atomic_open(meta_path, "w") as f:
+    with fetch.atomic_open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
     return meta
@@ -331,14 +308,6 @@ def prepare_source(
     source_path = str(Path(path).resolve()) if path is not None else None
     return prepare(docs, out_dir, source=source, source_path=source_path,
                    val_fraction=val_fraction, seed=seed, enc=enc, progress=progress)  # fmt: skip
-
-
-def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``meta.json`` of a prepared directory, or ``None`` if absent (e.g. nanoGPT data)."""
-    path = Path(data_dir) / META_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
 
 
 def ensure_prepared(

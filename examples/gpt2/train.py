@@ -3,6 +3,10 @@
     python -m examples.gpt2.train --preset tiny --optimizer omgd-layer --steps 400 \
         --data data/sotu --out-dir runs/tiny-omgd
 
+Where things are: the model is `model.py`, the optimizers `optimizers.py`, the flags `config.py`,
+the data `loader.py`, checkpoints `checkpoint.py`; here are the train step (`train_step`, jitted
+once per optimizer stage by `compile_stage`) and the loop (`train`).
+
 One jitted step = one optimizer step over `grad_accum` micro-batches (a `lax.scan` accumulates the
 gradient), so OMGD's phases and the learning-rate schedule count optimizer steps. The gradient is
 clipped to global norm 1 before the OMGD mask. With `--omgd-state compact` masking starts after
@@ -20,14 +24,14 @@ the data position (the reshuffled-epoch iterator's step) and the stage (AdamW wa
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
-import math
 import os
-import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +41,25 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from examples.gpt2.config import Config, ConfigError, finalize, parse_args
-from examples.gpt2.model import GPT, get_config, loss_fn
+from examples.gpt2.checkpoint import Checkpointer, SigtermFlag, resume_point
+from examples.gpt2.config import Config, ConfigError, build_parser, finalize
+from examples.gpt2.model import GPT, GPTConfig, get_config, loss_fn
+from examples.gpt2.optimizers import lr_schedule, make_optimizer, stage_at, stages, tree_bytes
+
+# ----------------------------------------------------------------------------- model
+
+
+def init_params(mcfg: GPTConfig, seed: int):
+    """The model's parameters as a pure dict (`nnx.Param` state), freshly initialised."""
+    return nnx.to_pure_dict(nnx.state(GPT(mcfg, nnx.Rngs(seed)), nnx.Param))
+
+
+def abstract_model(mcfg: GPTConfig, seed: int = 0):
+    """(graphdef, abstract params): the model's structure and parameter shapes; nothing is
+    allocated."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(mcfg, nnx.Rngs(seed))))
+    return graphdef, jax.eval_shape(functools.partial(init_params, mcfg, seed))
+
 
 # ----------------------------------------------------------------------------- data
 
@@ -70,77 +91,31 @@ def open_data(cfg: Config, vocab_size: int):
     return train_ds, val_ds, it
 
 
-# ----------------------------------------------------------------------------- optimizer
+class Feed:
+    """Global device batches from host-local NumPy ones: every host draws the same global batch
+    and feeds its rows of it (`jax.make_array_from_process_local_data`)."""
 
+    def __init__(self, cfg: Config, mesh):
+        B, pc, pi = cfg.batch_size, jax.process_count(), jax.process_index()
+        self.rows = slice(pi * (B // pc), (pi + 1) * (B // pc))
+        self.train_shape = (cfg.grad_accum, B, cfg.block_size)
+        self.train_sharding = NamedSharding(mesh, P(None, "data", None))
+        self.eval_sharding = NamedSharding(mesh, P("data", None))
 
-def decay_mask(params):
-    """Weight decay on matrices and embeddings only (nanoGPT: >= 2-D in the unstacked model)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params
-    )
+    def train_batch(self, xy):
+        """(A*B, T) windows -> x, y of shape (A, B, T), batch axis split over devices."""
+        return tuple(
+            jax.make_array_from_process_local_data(
+                self.train_sharding, a.reshape(self.train_shape)[:, self.rows], self.train_shape
+            )
+            for a in xy
+        )
 
-
-def lr_schedule(cfg: Config):
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.lr,
-        warmup_steps=cfg.lr_warmup,
-        decay_steps=max(cfg.lr_decay_steps, cfg.lr_warmup + 1),
-        end_value=cfg.min_lr,
-    )
-
-
-def two_stage(cfg: Config) -> bool:
-    """Compact OMGD state: plain AdamW for warmup_masks steps, then the OMGD optimizer."""
-    return cfg.optimizer != "adamw" and cfg.omgd_state == "compact" and cfg.warmup_masks > 0
-
-
-def stages(cfg: Config) -> list[str]:
-    return (
-        ["adamw", "omgd"]
-        if two_stage(cfg)
-        else (["adamw"] if cfg.optimizer == "adamw" else ["omgd"])
-    )
-
-
-def stage_at(cfg: Config, step: int) -> str:
-    """Which optimizer stage trains optimizer step `step` (0-based)."""
-    if two_stage(cfg):
-        return "adamw" if step < cfg.warmup_masks else "omgd"
-    return stages(cfg)[0]
-
-
-def omgd_kwargs(cfg: Config) -> dict:
-    """Arguments of `omgd_jax.omgd_adamw` for the chosen optimizer (besides lr and AdamW's)."""
-    kw = dict(steps_per_mask=cfg.steps_per_mask, key=cfg.mask_seed, state=cfg.omgd_state)
-    if cfg.optimizer in ("omgd-layer", "lisa"):
-        kw.update(granularity="layer", layers=r"^blocks/", layers_per_phase=cfg.layers_per_phase)
-        if cfg.optimizer == "lisa":
-            kw.update(traversal="iid", scale=False)
-    else:
-        kw.update(granularity=cfg.optimizer.removeprefix("omgd-"), num_masks=cfg.num_masks)
-    if cfg.omgd_state == "frozen":
-        kw.update(warmup_steps=cfg.warmup_masks)
-    return kw
-
-
-def make_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW (stage 'adamw') or OMGD-wrapped AdamW (stage 'omgd')."""
-    sched = lr_schedule(cfg)
-    adam = dict(
-        b1=cfg.beta1, b2=cfg.beta2, eps=1e-8, weight_decay=cfg.weight_decay, mask=decay_mask
-    )
-    if stage == "adamw":
-        inner = optax.adamw(sched, **adam)
-    else:
-        import omgd_jax
-
-        lr = sched
-        if two_stage(cfg):  # the OMGD optimizer starts counting at the switch
-            shift = cfg.warmup_masks
-            lr = lambda t: sched(t + shift)
-        inner = omgd_jax.omgd_adamw(lr, **adam, **omgd_kwargs(cfg))
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
+    def eval_batch(self, xy):
+        return tuple(
+            jax.make_array_from_process_local_data(self.eval_sharding, a[self.rows], a.shape)
+            for a in xy
+        )
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -177,191 +152,92 @@ def tree_shardings(mesh, tree, fsdp: bool):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-# ----------------------------------------------------------------------------- steps
+# ----------------------------------------------------------------------------- the step
 
 
-def make_train_step(graphdef, tx):
-    """(params, opt_state, x, y) -> (params, opt_state, metrics); x, y: (accum, batch, T)."""
+class TrainState(NamedTuple):
+    """What one train step reads and replaces (donated): the training run's device state."""
+
+    params: Any  # the model's nnx.Param tree, a pure dict of float32 arrays
+    opt_state: Any  # the optimizer state of the current stage
+
+
+def train_step(graphdef, tx, state: TrainState, x, y) -> tuple[TrainState, dict]:
+    """One optimizer step on x, y of shape (accum, batch, T): the gradient averaged over the
+    `accum` micro-batches (a `lax.scan`), then `tx`. Returns the new state and its metrics."""
 
     def loss_of(params, x, y):
         return loss_fn(nnx.merge(graphdef, params), x, y)
 
-    def step(params, opt_state, x, y):
-        grad_fn = jax.value_and_grad(loss_of)
-        if x.shape[0] == 1:
-            loss, grads = grad_fn(params, x[0], y[0])
-        else:
+    grad_fn = jax.value_and_grad(loss_of)
+    if x.shape[0] == 1:
+        loss, grads = grad_fn(state.params, x[0], y[0])
+    else:
 
-            def micro(carry, xy):
-                loss, grads = grad_fn(params, *xy)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        def micro(carry, xy):
+            return jax.tree.map(jnp.add, carry, grad_fn(state.params, *xy)), None
 
-            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(micro, zero, (x, y))
-            loss, grads = jax.tree.map(lambda g: g / x.shape[0], (loss, grads))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return step
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(micro, zero, (x, y))
+        loss, grads = jax.tree.map(lambda g: g / x.shape[0], (loss, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-_JIT_CACHE: dict = {}
+def eval_step(graphdef, params, x, y):
+    return loss_fn(nnx.merge(graphdef, params), x, y)
 
 
-def _cached(key, build):
-    """Jitted functions shared by train() calls in one process (demo, tests, notebooks): runs
-    with the same model and optimizer settings then compile once."""
-    if key not in _JIT_CACHE:
-        if len(_JIT_CACHE) >= 16:
-            _JIT_CACHE.clear()
-        _JIT_CACHE[key] = build()
-    return _JIT_CACHE[key]
+def step_function(cfg: Config, stage: str) -> Callable:
+    """The step a stage trains with: `train_step` for every optimizer today; the place to pick
+    another one (e.g. one that differentiates only the active layers)."""
+    return train_step
 
 
-# The settings that define the OMGD optimizer (and so its compiled step and its state layout).
-OMGD_FIELDS = (
-    "optimizer",
-    "omgd_state",
-    "num_masks",
-    "layers_per_phase",
-    "steps_per_mask",
-    "warmup_masks",
-    "mask_seed",
-)
+class Stage(NamedTuple):
+    """One optimizer stage of a run ("adamw" warm-up or "omgd"), its functions jitted once."""
+
+    name: str
+    abstract: TrainState  # shapes and dtypes (jax.ShapeDtypeStruct) of the state
+    shardings: TrainState  # where each array of the state lives
+    step: Callable  # jitted (TrainState, x, y) -> (TrainState, metrics), state donated
+    init: Callable  # jitted params -> the stage's fresh optimizer state
 
 
-def _compile_key(cfg: Config, stage: str) -> tuple:
-    """The settings an optimizer stage's compiled step depends on (shapes are jit's business)."""
-    names = [
-        "preset",
-        "dtype",
-        "remat",
-        "fsdp",
-        "lr",
-        "min_lr",
-        "lr_warmup",
-        "lr_decay_steps",
-        "weight_decay",
-        "beta1",
-        "beta2",
-        "grad_clip",
-    ]
-    if stage == "omgd":
-        names += OMGD_FIELDS
-    return tuple(getattr(cfg, n) for n in names)
+def compile_stage(cfg: Config, name: str, graphdef, abstract_params, mesh) -> Stage:
+    """Builds the stage's optimizer and jits its step (compiled at the first call).
 
-
-def make_eval_step(graphdef):
-    def evaluate(params, x, y):
-        return loss_fn(nnx.merge(graphdef, params), x, y)
-
-    return jax.jit(evaluate)
-
-
-def tree_bytes(tree, under: str | None = None) -> int:
-    """Bytes held by the arrays of a pytree (typed PRNG keys count their key data).
-
-    `under="blocks"` counts only leaves below a dict key of that name (the transformer blocks).
+    Raises ConfigError with the library's sentence for settings omgd_jax refuses.
     """
-    total = 0
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if under is not None and not any(getattr(k, "key", None) == under for k in path):
-            continue
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.eval_shape(jax.random.key_data, x)
-        total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-    return total
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def keys_to_data(tree):
-    """Typed PRNG keys -> their uint32 key data (Orbax stores plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def data_to_keys(tree, template):
-    """Inverse of keys_to_data, guided by an (abstract) template with the typed keys."""
-    return jax.tree.map(
-        lambda x, t: jax.random.wrap_key_data(x) if _is_key(t) else x, tree, template
+    try:
+        tx = make_optimizer(cfg, name)
+        abstract = TrainState(abstract_params, jax.eval_shape(tx.init, abstract_params))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    shardings = jax.tree.map(lambda t: tree_shardings(mesh, t, cfg.fsdp), abstract)
+    step = jax.jit(
+        functools.partial(step_function(cfg, name), graphdef, tx),
+        donate_argnums=0,
+        out_shardings=(shardings, None),
     )
-
-
-def abstract_with_keys_as_data(abstract, shardings):
-    def one(x, s):
-        if _is_key(x):
-            x = jax.eval_shape(jax.random.key_data, x)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-
-    return jax.tree.map(one, abstract, shardings)
-
-
-def run_identity(cfg: Config) -> dict:
-    """What a checkpoint must agree on to be resumed: model, optimizer and state layout."""
-    keys = ("preset", *OMGD_FIELDS, "seed", "block_size", "batch_size", "grad_accum")
-    return {k: getattr(cfg, k) for k in keys}
-
-
-class Checkpointer:
-    """Orbax CheckpointManager around {params, opt_state} + JSON metadata (stage, step, config)."""
-
-    def __init__(self, directory: Path, keep: int):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        self.mngr = ocp.CheckpointManager(
-            directory.absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
-
-    def latest(self):
-        return self.mngr.latest_step()
-
-    def save(self, step: int, params, opt_state, meta: dict):
-        ocp = self.ocp
-        state = {"params": params, "opt_state": keys_to_data(opt_state)}
-        self.mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-
-    def meta(self, step: int) -> dict:
-        ocp = self.ocp
-        return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
-    def restore(self, step: int, abstract_params, abstract_opt, shardings):
-        ocp = self.ocp
-        abstract = {"params": abstract_params, "opt_state": abstract_opt}
-        target = abstract_with_keys_as_data(abstract, shardings)
-        out = self.mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        ).state
-        return out["params"], data_to_keys(out["opt_state"], abstract_opt)
-
-    def close(self):
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+    init = jax.jit(tx.init, out_shardings=shardings.opt_state)
+    return Stage(name, abstract, shardings, step, init)
 
 
 # ----------------------------------------------------------------------------- logging
 
 
 class Logger:
-    """metrics.jsonl (+ TensorBoard) in the out dir; on resume drops records past the step."""
+    """metrics.jsonl, TensorBoard and the progress bar (main host only); keeps what `train`
+    returns (losses, last val loss, tokens/s). On resume drops records past the start step."""
 
-    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool, enabled: bool):
+    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool, enabled: bool,
+                 progress: bool, cfg: Config):  # fmt: skip
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
-        self.tb = None
+        self.tb = self.bar = None
+        self.losses, self.rates, self.val_loss, self.last = [], [], None, None
         if not enabled:
             return
         if self.path.exists():
@@ -374,21 +250,53 @@ class Logger:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(
-                str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None
-            )
+            purge = start_step + 1 if start_step else None
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
+        if progress:
+            from tqdm.auto import tqdm
 
-    def log(self, record: dict):
+            desc = f"{cfg.preset}/{cfg.optimizer}"
+            self.bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, dynamic_ncols=True)
+
+    def log(self, rec: dict):
+        self.losses.append((rec["step"], rec["loss"]))
+        self.rates.append(rec["tokens_per_s"])
+        self.val_loss = rec.get("val_loss", self.val_loss)
+        self.last = rec
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
-            for k, v in record.items():
+            for k, v in rec.items():
                 if k != "step" and isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, record["step"])
+                    self.tb.add_scalar(k, v, rec["step"])
+        if self.bar is not None:
+            shown = {"loss": f"{rec['loss']:.3f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
+            if "val_loss" in rec:
+                shown["val"] = f"{rec['val_loss']:.3f}"
+            self.bar.set_postfix(shown)
 
-    def close(self):
+    def advance(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def summary(self, **extra) -> dict:
+        return {
+            "losses": self.losses,
+            "val_loss": self.val_loss,
+            "final_loss": self.last["loss"] if self.last else None,
+            # median over logging intervals, the first (compilation) left out when there are others
+            "tokens_per_s": float(np.median(self.rates[1:] or self.rates)) if self.rates else None,
+            **extra,
+        }
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -415,263 +323,118 @@ def _maybe_init_distributed(cfg: Config):
             raise
 
 
-def _global_batch(mesh, sharding, x_local, global_shape):
-    return jax.make_array_from_process_local_data(sharding, x_local, global_shape)
-
-
-def _start(cfg: Config, ckpt, batches, opt_setup, abstract_params, param_sh, main_host: bool):
-    """(params, opt_state, stage, step) restored from the latest checkpoint, or (None, None,
-    first stage, 0) for a fresh run. Refuses checkpoints of another run with a sentence."""
-    out_dir = cfg.out_dir
-    latest = ckpt.latest()
-    if latest is not None and not cfg.resume:
-        raise SystemExit(
-            f"error: {out_dir} already holds checkpoints (latest step {latest}); "
-            "pass --resume to continue or choose another --out-dir"
-        )
-    if latest is None:
-        if cfg.resume and main_host:
-            print(f"no checkpoint in {out_dir}: starting from step 0", file=sys.stderr)
-        return None, None, stage_at(cfg, 0), 0
-    meta = ckpt.meta(latest)
-    saved = meta["identity"]
-    diff = {k: (saved.get(k), v) for k, v in run_identity(cfg).items() if saved.get(k) != v}
-    if diff:
-        what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise SystemExit(
-            f"error: the checkpoint in {out_dir} comes from another run ({what}); "
-            "use the same flags or another --out-dir"
-        )
-    for k in ("lr", "min_lr", "lr_warmup", "lr_decay_steps", "weight_decay"):
-        if meta["config"].get(k) != getattr(cfg, k) and main_host:
-            print(
-                f"warning: resuming with {k}={getattr(cfg, k)} (checkpoint: "
-                f"{meta['config'].get(k)}); the learning-rate schedule changes from here on",
-                file=sys.stderr,
-            )
-    try:
-        batches.load_state_dict(meta["data"])
-    except ValueError as e:
-        raise SystemExit(f"error: cannot resume the data position: {e}") from None
-    if batches.step != meta["step"]:
-        raise SystemExit(
-            f"error: checkpoint at step {meta['step']} has data position {batches.step}"
-        )
-    stage = meta["stage"]
-    _, abstract_opt, opt_sh, _, _ = opt_setup(stage)
-    shardings = {"params": param_sh, "opt_state": opt_sh}
-    params, opt_state = ckpt.restore(latest, abstract_params, abstract_opt, shardings)
-    return params, opt_state, stage, meta["step"]
-
-
 def train(cfg: Config) -> dict:
-    """Runs (or resumes) training. Returns a summary dict (final losses, state bytes, tokens/s)."""
-    cfg = finalize(cfg)
+    """Runs (or resumes) training. Returns a summary dict (final losses, state bytes, tokens/s).
+
+    Raises ConfigError for settings that cannot run; bad data or checkpoints exit with a sentence.
+    """
+    return run(finalize(cfg))
+
+
+def run(cfg: Config) -> dict:
+    """`train` for a finalized config: the set-up, then `loop`."""
     _maybe_init_distributed(cfg)
-    out_dir = Path(cfg.out_dir)
-    pi, pc = jax.process_index(), jax.process_count()
-    main_host = pi == 0
     mesh = make_mesh()
-    n_dev = mesh.shape["data"]
-    B, A, T = cfg.batch_size, cfg.grad_accum, cfg.block_size
-    if B % n_dev:
-        raise SystemExit(f"error: --batch-size {B} is not divisible by the {n_dev} devices")
-    if B % pc:
-        raise SystemExit(f"error: --batch-size {B} is not divisible by the {pc} hosts")
-
-    # Model: abstract first (shapes only), then materialised directly with its shardings.
+    for n, what in ((mesh.shape["data"], "devices"), (jax.process_count(), "hosts")):
+        if cfg.batch_size % n:
+            raise SystemExit(
+                f"error: --batch-size {cfg.batch_size} is not divisible by the {n} {what}"
+            )
+    # Model and optimizer stages: abstract first (shapes only), materialised with their shardings.
     mcfg = get_config(cfg.preset, dtype=cfg.dtype, remat=cfg.remat)
-    train_data, val_data, batches = open_data(cfg, mcfg.vocab_size)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(mcfg, nnx.Rngs(cfg.seed))))
+    graphdef, abstract_params = abstract_model(mcfg, cfg.seed)
+    by_name = {s: compile_stage(cfg, s, graphdef, abstract_params, mesh) for s in stages(cfg)}
+    _, val_data, batches = open_data(cfg, mcfg.vocab_size)
+    feed = Feed(cfg, mesh)
+    rngs = [np.random.default_rng([cfg.seed, 1, i]) for i in range(cfg.eval_iters)]
+    val_batches = [  # the same batches at every evaluation
+        feed.eval_batch(val_data.get_batch(rng, cfg.batch_size, cfg.block_size)) for rng in rngs
+    ]
+    evaluate = jax.jit(functools.partial(eval_step, graphdef))
 
-    def init_params():
-        return nnx.to_pure_dict(nnx.state(GPT(mcfg, nnx.Rngs(cfg.seed)), nnx.Param))
+    def val_loss(params) -> float:
+        return float(np.mean([float(evaluate(params, *xy)) for xy in val_batches]))
 
-    abstract_params = jax.eval_shape(init_params)
-    param_sh = tree_shardings(mesh, abstract_params, cfg.fsdp)
-
-    def opt_setup(stage):
-        def build():
-            tx = make_optimizer(cfg, stage)
-            abstract_opt = jax.eval_shape(tx.init, abstract_params)
-            opt_sh = tree_shardings(mesh, abstract_opt, cfg.fsdp)
-            step_fn = jax.jit(
-                make_train_step(graphdef, tx),
-                donate_argnums=(0, 1),
-                out_shardings=(param_sh, opt_sh, None),
-            )
-            init_fn = jax.jit(tx.init, out_shardings=opt_sh)
-            return tx, abstract_opt, opt_sh, step_fn, init_fn
-
-        return _cached(("step", stage, _compile_key(cfg, stage), mesh), build)
-
-    ckpt = Checkpointer(out_dir / "checkpoints", cfg.keep)
+    ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", cfg.keep)
     try:
-        params, opt_state, stage, start = _start(
-            cfg, ckpt, batches, opt_setup, abstract_params, param_sh, main_host
-        )
-        if params is None:
-            make = _cached(
-                ("init", mcfg, cfg.seed, cfg.fsdp, mesh),
-                lambda: jax.jit(init_params, out_shardings=param_sh),
-            )
-            params = make()
-            opt_state = opt_setup(stage)[4](params)
-        tx, abstract_opt, opt_sh, step_fn, init_fn = opt_setup(stage)
-    except BaseException:
+        meta = resume_point(ckpt, cfg, batches, verbose=jax.process_index() == 0)
+        if meta is None:  # a fresh run
+            step, stage = 0, by_name[stage_at(cfg, 0)]
+            make_params = functools.partial(init_params, mcfg, cfg.seed)
+            params = jax.jit(make_params, out_shardings=stage.shardings.params)()
+            state = TrainState(params, stage.init(params))
+        else:
+            step, stage = meta["step"], by_name[meta["stage"]]
+            state = ckpt.restore(step, stage.abstract, stage.shardings)
+        return loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt)
+    finally:
         ckpt.close()
-        raise
 
+
+def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dict:
+    """Trains from `step` to cfg.steps; logs, evaluates, checkpoints; stops early on SIGTERM."""
+    main_host = jax.process_index() == 0
     if main_host:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(cfg.to_json())
-    logger = Logger(out_dir, start, cfg.tensorboard, main_host)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "config.json").write_text(cfg.to_json())
+    logger = Logger(Path(cfg.out_dir), step, cfg.tensorboard, main_host, cfg.progress, cfg)
     lr_at = jax.jit(lr_schedule(cfg))  # one compile instead of a dozen eager ops
-    eval_fn = _cached(("eval", mcfg), lambda: make_eval_step(graphdef))
-    batch_sh = NamedSharding(mesh, P(None, "data", None))
-    eval_sh = NamedSharding(mesh, P("data", None))
-
-    def get_batch():
-        # Every host draws the global batch (A*B windows) and feeds its rows of each micro-batch.
-        x, y = next(batches)
-        rows = slice(pi * (B // pc), (pi + 1) * (B // pc))
-        x, y = x.reshape(A, B, T)[:, rows], y.reshape(A, B, T)[:, rows]
-        shape = (A, B, T)
-        return _global_batch(mesh, batch_sh, x, shape), _global_batch(mesh, batch_sh, y, shape)
-
-    val_batches = [
-        val_data.get_batch(np.random.default_rng([cfg.seed, 1, i]), B, T)
-        for i in range(cfg.eval_iters)
-    ]  # the same batches at every evaluation
-
-    def val_loss():
-        losses = []
-        rows = slice(pi * (B // pc), (pi + 1) * (B // pc))
-        for x, y in val_batches:
-            x, y = x[rows], y[rows]
-            losses.append(
-                eval_fn(
-                    params,
-                    _global_batch(mesh, eval_sh, x, (B, T)),
-                    _global_batch(mesh, eval_sh, y, (B, T)),
-                )
-            )
-        return float(np.mean([float(v) for v in losses]))
-
-    stop = {"signal": None}
-
-    def on_sigterm(signum, frame):
-        stop["signal"] = signum
-
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
-
-    def save(step):
-        if ckpt.latest() == step:  # e.g. SIGTERM right after a scheduled save
-            return
-        meta = {
-            "step": step,
-            "stage": stage,
-            "identity": run_identity(cfg),
-            "data": {k: int(v) for k, v in batches.state_dict().items()},
-            "config": dataclasses.asdict(cfg),
-        }
-        ckpt.save(step, params, opt_state, meta)
-
-    bar = None
-    if cfg.progress and main_host:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=cfg.steps, initial=start, desc=f"{cfg.preset}/{cfg.optimizer}", dynamic_ncols=True
-        )
-    tokens_per_step = A * B * T
-    summary = {"losses": [], "val_loss": None}
-    step = start
-    t_last, n_last, last_rec, rates, loss_sum = time.perf_counter(), 0, None, [], 0.0
-    try:
+    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.block_size
+    t_last, n_last, loss_sum = time.perf_counter(), 0, 0.0
+    with logger, SigtermFlag() as sigterm:
         while step < cfg.steps:
-            if stage_at(cfg, step) != stage:  # warm-up over: switch to the OMGD optimizer
-                stage = stage_at(cfg, step)
-                del opt_state
-                tx, abstract_opt, opt_sh, step_fn, init_fn = opt_setup(stage)
-                opt_state = init_fn(params)
-            x, y = get_batch()
-            params, opt_state, m = step_fn(params, opt_state, x, y)
-            step += 1
-            n_last += 1
-            loss_sum = loss_sum + m["loss"]  # stays on device until logged
+            if stage_at(cfg, step) != stage.name:  # warm-up over: switch to the OMGD optimizer
+                stage, params = by_name[stage_at(cfg, step)], state.params
+                del state  # frees the AdamW moments before the new state is made
+                state = TrainState(params, stage.init(params))
+            x, y = feed.train_batch(next(batches))
+            state, metrics = stage.step(state, x, y)
+            step, n_last = step + 1, n_last + 1
+            loss_sum = loss_sum + metrics["loss"]  # stays on device until logged
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:
-                loss = float(loss_sum) / n_last  # mean over the logging interval
-                dt = time.perf_counter() - t_last
+                seconds = max(time.perf_counter() - t_last, 1e-9)
                 rec = {
                     "step": step,
-                    "loss": loss,
+                    "loss": float(loss_sum) / n_last,  # mean over the logging interval
                     "lr": float(lr_at(step - 1)),
-                    "grad_norm": float(m["grad_norm"]),
-                    "tokens_per_s": n_last * tokens_per_step / max(dt, 1e-9),
-                    "stage": stage,
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_s": n_last * tokens_per_step / seconds,
+                    "stage": stage.name,
                 }
-                summary["losses"].append((step, loss))
                 if step % cfg.eval_every == 0 or last:
-                    rec["val_loss"] = summary["val_loss"] = val_loss()
+                    rec["val_loss"] = val_loss(state.params)
                 logger.log(rec)
-                last_rec = rec
-                rates.append(rec["tokens_per_s"])
                 n_last, loss_sum = 0, 0.0
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}",
-                        tok_s=f"{rec['tokens_per_s']:.0f}",
-                        **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}),
-                    )
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.checkpoint_every == 0 or last:
-                save(step)
+            logger.advance()
+            if step % cfg.checkpoint_every == 0 or last or sigterm.signal is not None:
+                ckpt.save(step, state, stage.name, cfg, batches.state_dict())
             if n_last == 0:  # throughput intervals leave out evaluation and checkpointing
                 t_last = time.perf_counter()
-            if stop["signal"] is not None:
-                save(step)
+            if sigterm.signal is not None:
                 print(
-                    f"\nreceived signal {stop['signal']}: saved step {step} in {out_dir}",
+                    f"\nreceived signal {sigterm.signal}: saved step {step} in {cfg.out_dir}",
                     file=sys.stderr,
                 )
                 break
-    finally:
-        if bar is not None:
-            bar.close()
-        ckpt.close()
-        logger.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-    summary.update(
+    return logger.summary(
         step=step,
-        stage=stage,
-        final_loss=last_rec["loss"] if last_rec else None,
-        # median over logging intervals, the first (compilation) left out when there are others
-        tokens_per_s=float(np.median(rates[1:] or rates)) if rates else None,
-        opt_state_bytes=tree_bytes(opt_state),
-        opt_state_blocks_bytes=tree_bytes(opt_state, under="blocks"),
-        param_bytes=tree_bytes(params),
-        params=params,
-        opt_state=opt_state,
+        stage=stage.name,
+        opt_state_bytes=tree_bytes(state.opt_state),
+        opt_state_blocks_bytes=tree_bytes(state.opt_state, under="blocks"),
+        param_bytes=tree_bytes(state.params),
+        params=state.params,
+        opt_state=state.opt_state,
     )
-    return summary
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    parser = build_parser()
     try:
-        s = train(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+        cfg = finalize(Config(**vars(parser.parse_args(argv))))
+        s = run(cfg)
+    except ConfigError as e:  # also the library's refusals, in its words
+        parser.error(str(e))
     if jax.process_index() == 0:
         val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
         verb = "done" if s["step"] >= cfg.steps else "stopped"

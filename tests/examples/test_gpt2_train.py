@@ -16,9 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from examples.gpt2 import train as train_mod
-from examples.gpt2.config import Config, finalize
-from examples.gpt2.train import main, train
+import omgd_jax
+from examples.gpt2 import optimizers
+from examples.gpt2.config import Config, build_parser, finalize
+from examples.gpt2.model import PRESETS, get_config
+from examples.gpt2.optimizers import tree_bytes
+from examples.gpt2.train import abstract_model, main, train
 
 
 def _markov_tokens(n, seed, vocab=64):
@@ -94,8 +97,17 @@ def test_thirty_steps_lower_the_loss(data_dir, tmp_path, optimizer, extra):
     full = 2 * s["param_bytes"]  # AdamW: two moments per parameter
     if optimizer == "omgd-element":  # compact: moments for a 1/M = 1/4 window of every leaf
         assert s["opt_state_bytes"] < 0.3 * full
+    elif optimizer in ("omgd-layer", "lisa"):
+        # compact layer state: moments for gamma of the N_L blocks, for every other leaf in full
+        cfg = finalize(_cfg(data_dir, tmp_path, optimizer=optimizer))
+        n_layer, gamma = PRESETS["nano"].n_layer, cfg.layers_per_phase
+        blocks = tree_bytes(s["params"], under="blocks")
+        assert gamma < n_layer
+        assert s["opt_state_blocks_bytes"] == 2 * blocks * gamma // n_layer
+        others = 2 * (s["param_bytes"] - blocks)
+        assert others <= s["opt_state_bytes"] - s["opt_state_blocks_bytes"] < others + 64
     else:
-        assert full <= s["opt_state_bytes"] < 1.01 * full or optimizer in ("omgd-layer", "lisa")
+        assert full <= s["opt_state_bytes"] < 1.01 * full
 
 
 def test_resume_reproduces_an_uninterrupted_run(data_dir, tmp_path):
@@ -136,12 +148,12 @@ def test_checkpoint_from_another_run_is_refused(data_dir, tmp_path):
     [
         (["--preset", "gpt2-xl"], "invalid choice: 'gpt2-xl'"),
         (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+        (["--omgd-state", "lazy"], "invalid choice: 'lazy'"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-        (["--optimizer", "omgd-layer", "--layers-per-phase", "5"], "exceeds the 4 layers of tiny"),
-        (["--optimizer", "lisa", "--layers-per-phase", "3"], "must divide the 4 layers"),
-        (["--optimizer", "omgd-tensor", "--omgd-state", "compact"], "no compact state"),
         (["--steps", "0"], "--steps must be positive"),
+        (["--warmup-masks", "-1"], "--warmup-masks must be >= 0"),
         (["--block-size", "4096"], "exceeds the tiny context 128"),
+        (["--optimizer", "lisa", "--num-masks", "3"], "--num-masks 3 x --layers-per-phase 1"),
     ],
 )
 def test_bad_flags_exit_with_a_message(argv, message, capsys):
@@ -149,6 +161,48 @@ def test_bad_flags_exit_with_a_message(argv, message, capsys):
         main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _library_refusal(**omgd):
+    """The sentence omgd_jax raises for these settings on the tiny model's parameter tree."""
+    _, params = abstract_model(get_config("tiny"))
+    with pytest.raises(ValueError) as e:
+        jax.eval_shape(omgd_jax.omgd_adamw(1e-3, **{"steps_per_mask": 20, **omgd}).init, params)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "argv, omgd",
+    [
+        (["--optimizer", "omgd-layer", "--layers-per-phase", "5"], dict(layers_per_phase=5)),
+        (["--optimizer", "lisa", "--layers-per-phase", "3"], dict(layers_per_phase=3)),
+        (["--optimizer", "omgd-layer", "--steps-per-mask", "0"], dict(steps_per_mask=0)),
+    ],
+)
+def test_settings_the_library_refuses_exit_with_its_sentence(argv, omgd, capsys):
+    """No second copy of omgd_jax's checks: its own ValueError reaches the user, as a usage
+    error, before any data is read."""
+    layer = dict(granularity="layer", layers=r"^blocks/", layers_per_phase=1)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--data", "/nonexistent"])
+    assert e.value.code == 2
+    assert _library_refusal(**{**layer, **omgd}) in capsys.readouterr().err
+
+
+def test_tensor_has_no_compact_state_in_the_library_s_words(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--optimizer", "omgd-tensor", "--omgd-state", "compact", "--data", "/nonexistent"])
+    assert e.value.code == 2
+    sentence = _library_refusal(granularity="tensor", num_masks=2, state="compact")
+    assert sentence in capsys.readouterr().err
+
+
+def test_flags_are_the_config_fields_with_its_defaults():
+    assert vars(build_parser().parse_args([])) == dataclasses.asdict(Config())
+    ns = build_parser().parse_args(
+        ["--no-progress", "--remat", "--lr", "1e-3", "--dtype", "bfloat16"]
+    )
+    assert (ns.progress, ns.remat, ns.lr, ns.dtype) == (False, True, 1e-3, "bfloat16")
 
 
 def test_bad_data_exits_with_a_message(tmp_path):
@@ -179,7 +233,7 @@ def test_bad_data_exits_with_a_message(tmp_path):
 
 def test_optimizer_choices_map_to_the_library():
     def kw(**c):
-        return train_mod.omgd_kwargs(finalize(Config(preset="gpt2-124m", **c)))
+        return optimizers.omgd_kwargs(finalize(Config(preset="gpt2-124m", **c)))
 
     assert kw(optimizer="omgd-layer") == dict(
         steps_per_mask=100,
@@ -207,7 +261,7 @@ def test_optimizer_choices_map_to_the_library():
         },
         "wte": {"embedding": np.ones((5, 3))},
     }
-    assert jax.tree.leaves(train_mod.decay_mask(params)) == [False, True, False, True]
+    assert jax.tree.leaves(optimizers.decay_mask(params)) == [False, True, False, True]
 
 
 def test_plot_and_demo(data_dir, tmp_path, monkeypatch, capsys):
@@ -251,13 +305,25 @@ train(cfg)
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
 def test_eight_cpu_devices_match_one(data_dir, tmp_path, fsdp):
     """The mesh path: 8 forced host devices (batch split, FSDP params/state) == 1 device."""
-    kw = dict(optimizer="omgd-layer", steps=6, batch_size=8, warmup_masks=2, steps_per_mask=2,
-              eval_every=6, checkpoint_every=6)
+    kw = dict(
+        optimizer="omgd-layer",
+        steps=6,
+        batch_size=8,
+        warmup_masks=2,
+        steps_per_mask=2,
+        eval_every=6,
+        checkpoint_every=6,
+    )
     train(_cfg(data_dir, tmp_path / "one", **kw))
     many = dataclasses.asdict(_cfg(data_dir, tmp_path / "many", fsdp=fsdp, **kw))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    subprocess.run([sys.executable, "-c", _MULTI_DEVICE_RUN, json.dumps(many)], check=True,
-                   env=env, cwd=str(pathlib.Path(__file__).resolve().parents[2]), timeout=600)
+    subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE_RUN, json.dumps(many)],
+        check=True,
+        env=env,
+        cwd=str(pathlib.Path(__file__).resolve().parents[2]),
+        timeout=600,
+    )
     _, one = _losses(tmp_path / "one")
     _, eight = _losses(tmp_path / "many")
     assert len(one) == 6 and one[0] != one[-1]
@@ -269,8 +335,15 @@ def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
     each feeding its share of the batch (`make_array_from_process_local_data`)."""
     import socket
 
-    kw = dict(optimizer="omgd-layer", steps=4, batch_size=8, warmup_masks=2, steps_per_mask=2,
-              eval_every=4, checkpoint_every=4)
+    kw = dict(
+        optimizer="omgd-layer",
+        steps=4,
+        batch_size=8,
+        warmup_masks=2,
+        steps_per_mask=2,
+        eval_every=4,
+        checkpoint_every=4,
+    )
     train(_cfg(data_dir, tmp_path / "one", **kw))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -280,10 +353,17 @@ def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _MULTI_PROCESS_RUN, cfg],
-            env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                     XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(
+                os.environ,
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            ),
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
