@@ -8,6 +8,7 @@
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
 """
 
+from omgd_jax.mofasgd import ScaleByMofasgdState, mofasgd, scale_by_mofasgd
 from omgd_jax.schedule import MaskSchedule
 from omgd_jax.skip_update import (
     MagmaState,
@@ -35,13 +36,16 @@ __all__ = [
     "OmgdCompactState",
     "OmgdFrozenState",
     "OmgdMaskState",
+    "ScaleByMofasgdState",
     "SkipUpdateState",
     "joint_traversal",
     "magma",
     "magma_adamw",
+    "mofasgd",
     "omgd",
     "omgd_adamw",
     "omgd_mask",
+    "scale_by_mofasgd",
     "skip_update",
     "skip_update_adamw",
     "static_args",

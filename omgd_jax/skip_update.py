@@ -2,25 +2,10 @@
 
 The inner optimizer runs densely every step (its moments see every gradient); only the update it
 proposes is masked, one Bernoulli draw per *block*. A block is one tensor, or one layer of a
-stacked ``[N_L, m, n]`` leaf. Which leaves are blocks is decided by ``masked``:
-
-* default (:func:`default_masked`): leaves whose path has a component containing ``emb`` or
-  equal to ``wte``, ``wpe``, ``head``, ``lm_head`` or ``unembed`` (embeddings, output head) stay
-  dense. Under a *stacked* layer path (a component ``blocks``, ``block``, ``layers``, ``layer``
-  or ``h`` not followed by an integer index, as ``nnx.vmap``/``nnx.scan`` make them) every 3-D
-  floating leaf is a stack of matrices, one block per index of its leading axis, and the 2-D
-  ``(N_L, d)`` leaves (biases, norms) stay dense; anywhere else (including unrolled layers such
-  as ``h/0/...``) every 2-D floating leaf is one block. Everything else (biases, norms, scalars,
-  conv kernels) stays dense. On the GPT-2 example this selects the four kernels of
-  ``blocks/attn`` and ``blocks/mlp`` (one draw per layer) and nothing else; on a plain dict of
-  matrices it selects every matrix.
-* a regex searched in the '/'-joined key path: matching floating leaves are masked; a 3-D match
-  is a stack of layers (one draw per index of axis 0), any other rank is one block.
-* a callable ``(path, leaf) -> bool | "stacked"``: False/None dense, True one block, "stacked"
-  one block per index of the leading axis.
-
-A trailing ``/value`` (flax NNX ``Variable`` leaves, as ``nnx.Optimizer`` passes to ``init``)
-is dropped from paths, so the same rule holds in ``init`` and ``update``.
+stacked ``[N_L, m, n]`` leaf. Which leaves are blocks is chosen by ``masked``, a rule of
+:mod:`omgd_jax.blocks`: by default the 2-D weights of attention and MLP (on the GPT-2 example
+the four kernels of ``blocks/attn`` and ``blocks/mlp``, one draw per layer); embeddings, the
+head, norms and biases stay dense.
 
 Masks are a pure function of a typed PRNG key in the state and the step counter, so every
 replica draws the same ones.
@@ -28,18 +13,16 @@ replica draws the same ones.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from omgd_jax.layers import is_float, path_str
+from omgd_jax import blocks
 from omgd_jax.schedule import canonical_key, check_choice, check_key
 
-Masked = str | re.Pattern | Callable[[str, Any], "bool | str | None"]
+Masked = blocks.Rule
 Traversal = Literal["iid", "wor"]
 TRAVERSALS = ("iid", "wor")
 MOMENTA = ("after", "before")
@@ -50,8 +33,6 @@ MOMENT_FIELDS = ("mu", "trace")
 # ``p`` must be static too with ``traversal="wor"`` (it fixes the number of groups).
 STATIC_ARGS = ("inner", "key", "masked", "traversal", "momentum", "decay", "unbiased", "decay_mask")
 
-_EMBEDDING_OR_HEAD = re.compile(r"emb|^(wte|wpe|head|lm_head|unembed)$", re.IGNORECASE)
-_LAYER_LIKE = re.compile(r"^(blocks?|layers?|h)$")
 _WOR_SALT = 7  # separates the wor partition stream from the iid draws
 
 
@@ -82,51 +63,13 @@ def _is_placeholder(params) -> bool:
     return type(params).__name__ == "_ParamsPlaceholder"
 
 
-def default_masked(path: str, leaf) -> bool | str:
-    """The default block rule: 2-D weights of attention/MLP (see the module docstring)."""
-    parts = path.split("/")
-    if any(_EMBEDDING_OR_HEAD.search(p) for p in parts):
-        return False
-    stacked = any(
-        _LAYER_LIKE.match(p) and not (i + 1 < len(parts) and parts[i + 1].isdigit())
-        for i, p in enumerate(parts[:-1])
-    )
-    if stacked:  # leading layer axis: matrices are 3-D, (L, d) leaves are biases and norms
-        return "stacked" if leaf.ndim == 3 else False
-    return leaf.ndim == 2
-
-
-def _leaf_path(path: tuple) -> str:
-    if path and getattr(path[-1], "name", None) == "value":
-        path = path[:-1]
-    return path_str(path)
-
-
 def block_counts(tree, masked: Masked | None = None) -> list[int]:
     """Per leaf (``jax.tree.leaves`` order) the number of masked blocks: 0 (dense), 1 or N_L."""
-    rule = default_masked if masked is None else masked
-    if isinstance(rule, str | re.Pattern):
-        pattern = re.compile(rule)
-        rule = lambda path, leaf: (
-            bool(pattern.search(path)) and ("stacked" if leaf.ndim == 3 else True)
-        )
-    counts = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        kind = rule(_leaf_path(path), leaf) if is_float(leaf) else False
-        if kind == "stacked":
-            if leaf.ndim < 1:
-                raise ValueError(f"masked: {_leaf_path(path)!r} is a scalar, it cannot be stacked")
-            counts.append(int(leaf.shape[0]))
-        elif kind is True:
-            counts.append(1)
-        elif kind in (False, None):
-            counts.append(0)
-        else:
-            raise TypeError(
-                f"masked: the callable must return a bool or 'stacked', got {kind!r} for "
-                f"{_leaf_path(path)!r}"
-            )
-    return counts
+    kinds = blocks.leaf_kinds(tree, masked, "masked")
+    return [
+        0 if k is None else 1 if k == blocks.TENSOR else int(x.shape[0])
+        for k, x in zip(kinds, jax.tree.leaves(tree), strict=True)
+    ]
 
 
 def num_groups(p: float) -> int:
@@ -200,12 +143,6 @@ def _check_common(p, traversal, decay, weight_decay):
         )
     if isinstance(weight_decay, int | float) and weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-
-
-def _check_masked(masked):
-    if masked is None or isinstance(masked, str | re.Pattern) or callable(masked):
-        return
-    raise TypeError(f"masked must be None, a regex or a callable (path, leaf), got {masked!r}")
 
 
 def _decayer(weight_decay, decay_mask):
@@ -303,7 +240,7 @@ def skip_update(
       p: keep probability of a block, in (0, 1].
       key: PRNG key or int seed of the masks.
       masked: which leaves are blocks: None (the default rule), a regex on the '/'-joined key
-        path, or a callable ``(path, leaf) -> bool | "stacked"``; see the module docstring.
+        path, or a callable ``(path, leaf) -> bool | "stacked"``; see :mod:`omgd_jax.blocks`.
       traversal: ``"iid"`` (the paper's Bernoulli) or ``"wor"`` (without replacement).
       weight_decay: adds ``weight_decay * params`` to the update in ``inner``'s output units.
         Use it with an ``inner`` that returns a direction (``optax.scale_by_adam()``) and put
@@ -331,7 +268,7 @@ def skip_update(
       Joo et al., Masked updates in adaptive optimizers (SkipUpdate, Magma), arXiv 2602.15322.
     """
     _check_common(p, traversal, decay, weight_decay)
-    _check_masked(masked)
+    blocks.check_rule("masked", masked)
     check_key(key)
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {inner!r}")
@@ -417,7 +354,7 @@ def magma(
       Joo et al., Masked updates in adaptive optimizers (SkipUpdate, Magma), arXiv 2602.15322.
     """
     _check_common(p, traversal, decay, weight_decay)
-    _check_masked(masked)
+    blocks.check_rule("masked", masked)
     check_choice("momentum", momentum, MOMENTA)
     check_key(key)
     if not isinstance(unbiased, bool):
