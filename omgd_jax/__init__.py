@@ -3,9 +3,11 @@
 * `omgd_mask`: the masked gradient, to chain before (or after) any optax optimizer.
 * `omgd`: wraps an optax optimizer so that it runs, and keeps state, only on the active share.
 * `omgd_adamw`: AdamW under `omgd`, with the learning-rate schedule on the global step.
+* `lisa`, `lisa_wor`, `iid_tensor_mask`, `iid_element_mask`: the layer-wise and i.i.d. baselines.
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
 """
 
+from omgd_jax.lisa import iid_element_mask, iid_tensor_mask, lisa, lisa_wor
 from omgd_jax.schedule import MaskSchedule
 from omgd_jax.transforms import OmgdMaskState, omgd_mask
 from omgd_jax.traversal import joint_traversal
@@ -24,7 +26,11 @@ __all__ = [
     "OmgdCompactState",
     "OmgdFrozenState",
     "OmgdMaskState",
+    "iid_element_mask",
+    "iid_tensor_mask",
     "joint_traversal",
+    "lisa",
+    "lisa_wor",
     "omgd",
     "omgd_adamw",
     "omgd_mask",
