@@ -4,9 +4,11 @@
 * `omgd`: wraps an optax optimizer so that it runs, and keeps state, only on the active share.
 * `omgd_adamw`: AdamW under `omgd`, with the learning-rate schedule on the global step.
 * `lisa`, `lisa_wor`, `iid_tensor_mask`, `iid_element_mask`: the layer-wise and i.i.d. baselines.
+* `galore`, `golore`: Adam in a rank-r gradient subspace (SVD / uniformly random projectors).
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
 """
 
+from omgd_jax.galore import GaloreState, galore, golore, stiefel_projector
 from omgd_jax.lisa import iid_element_mask, iid_tensor_mask, lisa, lisa_wor
 from omgd_jax.schedule import MaskSchedule
 from omgd_jax.transforms import OmgdMaskState, omgd_mask
@@ -22,10 +24,13 @@ from omgd_jax.wrapper import (
 
 __all__ = [
     "STATIC_ARGS",
+    "GaloreState",
     "MaskSchedule",
     "OmgdCompactState",
     "OmgdFrozenState",
     "OmgdMaskState",
+    "galore",
+    "golore",
     "iid_element_mask",
     "iid_tensor_mask",
     "joint_traversal",
@@ -35,5 +40,6 @@ __all__ = [
     "omgd_adamw",
     "omgd_mask",
     "static_args",
+    "stiefel_projector",
 ]
 __version__ = "0.1.0"
