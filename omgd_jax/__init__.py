@@ -5,12 +5,14 @@
 * `omgd_adamw`: AdamW under `omgd`, with the learning-rate schedule on the global step.
 * `lisa`, `lisa_wor`, `iid_tensor_mask`, `iid_element_mask`: the layer-wise and i.i.d. baselines.
 * `galore`, `golore`: Adam in a rank-r gradient subspace (SVD / uniformly random projectors).
+* `sift`: AdamW on a fixed top-|g| subset of every weight, state for the subset only.
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
 """
 
 from omgd_jax.galore import GaloreState, galore, golore, stiefel_projector
 from omgd_jax.lisa import iid_element_mask, iid_tensor_mask, lisa, lisa_wor
 from omgd_jax.schedule import MaskSchedule
+from omgd_jax.sift import SiftState, sift
 from omgd_jax.transforms import OmgdMaskState, omgd_mask
 from omgd_jax.traversal import joint_traversal
 from omgd_jax.wrapper import (
@@ -29,6 +31,7 @@ __all__ = [
     "OmgdCompactState",
     "OmgdFrozenState",
     "OmgdMaskState",
+    "SiftState",
     "galore",
     "golore",
     "iid_element_mask",
@@ -39,6 +42,7 @@ __all__ = [
     "omgd",
     "omgd_adamw",
     "omgd_mask",
+    "sift",
     "static_args",
     "stiefel_projector",
 ]
