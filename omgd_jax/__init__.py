@@ -3,6 +3,11 @@
 * `omgd_mask`: the masked gradient, to chain before (or after) any optax optimizer.
 * `omgd`: wraps an optax optimizer so that it runs, and keeps state, only on the active share.
 * `omgd_adamw`: AdamW under `omgd`, with the learning-rate schedule on the global step.
+* `lean_train_step`, `lean_value_and_grad`, `scan_layers`, `active_layers`: the lean layer-wise
+  step that differentiates, stores and updates only the active layers.
+* `lisa`, `lisa_wor`, `iid_tensor_mask`, `iid_element_mask`: the layer-wise and i.i.d. baselines.
+* `galore`, `golore`: Adam in a rank-r gradient subspace (SVD / uniformly random projectors).
+* `sift`: AdamW on a fixed top-|g| subset of every weight, state for the subset only.
 * `skip_update`, `magma` (+ `_adamw` aliases): randomly masked updates (arXiv 2602.15322).
 * `mofasgd`, `scale_by_mofasgd`: low-rank factored momentum (arXiv 2507.08091).
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
@@ -10,8 +15,11 @@
 
 from omgd_jax.compact import OmgdCompactState
 from omgd_jax.frozen import OmgdFrozenState
+from omgd_jax.galore import GaloreState, galore, golore, stiefel_projector
+from omgd_jax.lisa import iid_element_mask, iid_tensor_mask, lisa, lisa_wor
 from omgd_jax.mofasgd import ScaleByMofasgdState, mofasgd, scale_by_mofasgd
 from omgd_jax.schedule import MaskSchedule
+from omgd_jax.sift import SiftState, sift
 from omgd_jax.skip_update import (
     MagmaState,
     SkipUpdateState,
@@ -26,14 +34,22 @@ from omgd_jax.wrapper import STATIC_ARGS, omgd, omgd_adamw, static_args
 
 __all__ = [
     "STATIC_ARGS",
+    "GaloreState",
     "MagmaState",
     "MaskSchedule",
     "OmgdCompactState",
     "OmgdFrozenState",
     "OmgdMaskState",
     "ScaleByMofasgdState",
+    "SiftState",
     "SkipUpdateState",
+    "galore",
+    "golore",
+    "iid_element_mask",
+    "iid_tensor_mask",
     "joint_traversal",
+    "lisa",
+    "lisa_wor",
     "magma",
     "magma_adamw",
     "mofasgd",
@@ -41,8 +57,10 @@ __all__ = [
     "omgd_adamw",
     "omgd_mask",
     "scale_by_mofasgd",
+    "sift",
     "skip_update",
     "skip_update_adamw",
     "static_args",
+    "stiefel_projector",
 ]
 __version__ = "0.1.0"
