@@ -6,6 +6,17 @@
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
 """
 
+from omgd_jax.lean import (
+    active_layers,
+    apply_layer_updates,
+    gather_layers,
+    layer_view,
+    lean_train_step,
+    lean_value_and_grad,
+    scan_layers,
+    scatter_layers,
+)
+
 from omgd_jax.schedule import MaskSchedule
 from omgd_jax.transforms import OmgdMaskState, omgd_mask
 from omgd_jax.traversal import joint_traversal
@@ -21,6 +32,14 @@ from omgd_jax.wrapper import (
 __all__ = [
     "STATIC_ARGS",
     "MaskSchedule",
+    "active_layers",
+    "apply_layer_updates",
+    "gather_layers",
+    "layer_view",
+    "lean_train_step",
+    "lean_value_and_grad",
+    "scan_layers",
+    "scatter_layers",
     "OmgdCompactState",
     "OmgdFrozenState",
     "OmgdMaskState",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, NamedTuple
 
@@ -50,6 +51,8 @@ class OmgdCompactState(NamedTuple):
     omgd_phase: jax.Array  # int32 id of the mask the buffers were started for; -1: none yet.
     omgd_active_state: Any  # inner state over the fixed-size view of the active share.
     omgd_dense_state: Any  # layer granularity: inner state of the always-active leaves.
+    omgd_layer_ids: jax.Array  # layer granularity: int32[gamma], the layers the next update
+    # trains (read by `omgd_jax.active_layers` to build a lean step); int32[0] otherwise.
 
 
 class OmgdFrozenState(NamedTuple):
@@ -217,7 +220,9 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
 
     def init_fn(params):
         if _is_placeholder(params):
-            return OmgdCompactState(*_mask_fields(key), jnp.int32(-1), _NotParams(), _NotParams())
+            return OmgdCompactState(
+                *_mask_fields(key), jnp.int32(-1), _NotParams(), _NotParams(), _NotParams()
+            )
         leaves, treedef = jax.tree.flatten(params)
         plan = schedule.plan(params)
         view, dense = shapes(plan, schedule.masks_for(plan), leaves)
@@ -227,12 +232,43 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
             if layer
             else optax.EmptyState()
         )
-        return OmgdCompactState(*_mask_fields(key), jnp.int32(-1), active, dense_state)
+        mask_key, step = _mask_fields(key)
+        ids = next_ids(plan, mask_key, step)
+        return OmgdCompactState(mask_key, step, jnp.int32(-1), active, dense_state, ids)
 
-    def update_fn(updates, state, params=None, *, mask_index=None, **extra_args):
+    def next_ids(plan, key, step):
+        """Layer ids trained by the update at ``step`` (empty unless layer granularity)."""
+        if not layer:
+            return jnp.zeros((0,), jnp.int32)
+        num_masks = schedule.masks_for(plan)
+        phase = schedule.phase(step, num_masks)
+        pkey, _ = schedule.keys(key, phase)
+        label = schedule.active_label(key, phase, num_masks)
+        return schedule.layer_ids(pkey, plan.num_layers, label, num_masks).astype(jnp.int32)
+
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        mask_index=None,
+        active_layers=None,
+        num_layers=None,
+        **extra_args,
+    ):
         leaves, treedef = jax.tree.flatten(updates)
         p_leaves = None if params is None else treedef.flatten_up_to(params)
+        # The lean step (omgd_jax.lean) hands the stacked leaves as [gamma, ...] views of the
+        # layers `active_layers` of `num_layers`, gradients and parameters alike.
+        lean = active_layers is not None
+        if lean and (not layer or num_layers is None):
+            raise ValueError(
+                "active_layers= (the lean layer-wise step) needs granularity='layer' and "
+                "num_layers= (the depth of the stack)"
+            )
         plan = schedule.plan(updates)
+        if lean:
+            plan = dataclasses.replace(plan, num_layers=num_layers, num_units=num_layers)
         num_masks = schedule.masks_for(plan)
         phase = schedule.phase(state.omgd_step, num_masks, mask_index)
         pkey, _ = schedule.keys(state.omgd_key, phase)
@@ -246,15 +282,25 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
         if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.omgd_active_state):
             raise ValueError("omgd: the update tree does not match the tree given to init")
 
-        g_view = read(plan, num_masks, leaves, where)
-        g_view = [v if v is compact_lib.MASKED else v * factor for v in g_view]
-        p_view = None if p_leaves is None else read(plan, num_masks, p_leaves, where)
+        def take(xs):
+            if lean:  # already the views
+                return [
+                    x if r == layers_lib.STACKED else compact_lib.MASKED
+                    for x, r in zip(xs, plan.roles, strict=True)
+                ]
+            return read(plan, num_masks, xs, where)
+
+        g_view = [v if v is compact_lib.MASKED else v * factor for v in take(leaves)]
+        p_view = None if p_leaves is None else take(p_leaves)
         fresh = inner.init(unflat(p_view) if p_view is not None else _zeros(unflat(g_view)))
         reset = phase.phase_id != state.omgd_phase  # the mask changed: restart the inner state
         old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
         u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
         u_view = _materialise(treedef.flatten_up_to(u_view), reset)
-        out = write(plan, num_masks, u_view, leaves, where)
+        if lean:
+            out = [u if r == layers_lib.STACKED else None for u, r in zip(u_view, plan.roles)]
+        else:
+            out = write(plan, num_masks, u_view, leaves, where)
 
         new_dense = state.omgd_dense_state
         if layer:
@@ -277,12 +323,14 @@ def _compact(schedule: MaskSchedule, inner, key) -> optax.GradientTransformation
             g if r == layers_lib.SKIP else x
             for x, g, r in zip(out, leaves, plan.roles, strict=True)
         ]
+        step = numerics.safe_increment(state.omgd_step)
         new_state = OmgdCompactState(
             state.omgd_key,
-            numerics.safe_increment(state.omgd_step),
+            step,
             phase.phase_id,
             new_active,
             new_dense,
+            next_ids(plan, state.omgd_key, step),
         )
         return jax.tree.unflatten(treedef, out), new_state
 
