@@ -6,6 +6,8 @@
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
 """
 
+from omgd_jax.compact import OmgdCompactState
+from omgd_jax.frozen import OmgdFrozenState
 from omgd_jax.lean import (
     active_layers,
     apply_layer_updates,
@@ -20,14 +22,7 @@ from omgd_jax.lean import (
 from omgd_jax.schedule import MaskSchedule
 from omgd_jax.transforms import OmgdMaskState, omgd_mask
 from omgd_jax.traversal import joint_traversal
-from omgd_jax.wrapper import (
-    STATIC_ARGS,
-    OmgdCompactState,
-    OmgdFrozenState,
-    omgd,
-    omgd_adamw,
-    static_args,
-)
+from omgd_jax.wrapper import STATIC_ARGS, omgd, omgd_adamw, static_args
 
 __all__ = [
     "STATIC_ARGS",

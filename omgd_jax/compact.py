@@ -1,4 +1,8 @@
-"""Compact views of the active share: fixed-size buffers that the inner optimizer runs on.
+"""``omgd(..., state="compact")``: the inner optimizer runs, and keeps state, on the active share.
+
+The inner state lives in fixed-size buffers, *views* of the active share, and is restarted
+whenever the active mask changes (LISA / BAdam). `omgd_compact` is the transformation;
+`OmgdCompactState` its state; the rest of the module reads and writes views.
 
 A view keeps the treedef of the parameters, with `optax.MaskedNode` where a leaf takes no part,
 so per-leaf callables of the inner optimizer (weight-decay masks, path filters) still apply.
@@ -16,15 +20,32 @@ zeros (an update, so inactive coordinates do not move).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from omgd_jax import layers as layers_lib
+from omgd_jax.schedule import MaskSchedule, check_key
+from omgd_jax.transforms import init_mask_state
 
 MASKED = optax.MaskedNode()
+
+
+class OmgdCompactState(NamedTuple):
+    """State of ``omgd(..., state="compact")``: inner state over the active share only."""
+
+    omgd_key: jax.Array  # typed PRNG key of the masks, as in `OmgdMaskState`.
+    omgd_step: jax.Array  # int32, optimizer steps taken.
+    omgd_phase: jax.Array  # int32 id of the mask the buffers were started for; -1: none yet.
+    omgd_active_state: Any  # inner state over the fixed-size view of the active share.
+    omgd_dense_state: Any  # layer granularity: inner state of the always-active leaves.
+    omgd_layer_ids: jax.Array  # layer granularity: int32[gamma], the layers the next update
+    # trains (`omgd_jax.active_layers` reads it to build a lean step); int32[0] otherwise.
 
 
 def window_shape(shape: tuple[int, ...], num_masks: int) -> tuple[int, ...]:
@@ -119,3 +140,208 @@ def write_layers(plan: layers_lib.Plan, view: list, leaves, ids: jax.Array) -> l
             for i, value in zip(pos, jax.lax.switch(slot, branches), strict=True):
                 out[i] = value
     return out
+
+
+# --------------------------------------------------------------------------- the transformation
+def check_compact(schedule: MaskSchedule) -> None:
+    """Raises unless the compact state can hold ``schedule``'s active share at a fixed size."""
+    if schedule.granularity == "tensor":
+        raise ValueError(
+            "state='compact' supports granularity 'element' and 'layer' (tensor groups have "
+            "no fixed size); use state='frozen' with granularity='tensor'"
+        )
+    if schedule.granularity == "element" and schedule.layout != "contiguous":
+        raise ValueError("state='compact' needs layout='contiguous' for element granularity")
+    if schedule.warmup_steps:
+        raise ValueError(
+            "warmup_steps must be 0 with state='compact' (the state cannot change size "
+            "under jit): warm up with the inner optimizer alone and then switch, or use "
+            "state='frozen'"
+        )
+
+
+class _NotParams:
+    """Stands in (as a leaf), under `map_params`, for compact state that is not params-shaped."""
+
+
+def _zeros(tree):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+def read_view(schedule: MaskSchedule, plan: layers_lib.Plan, num_masks: int, leaves, where):
+    """The view of the active share: element windows (``where``: the label) or the gamma active
+    layers (``where``: their ids); MaskedNode for leaves outside it."""
+    if schedule.granularity == "layer":
+        return read_layers(plan, leaves, where)
+    view = [MASKED] * len(leaves)
+    for i in plan.unit_leaves:
+        view[i] = read_window(leaves[i], where, num_masks)
+    return view
+
+
+def write_view(schedule: MaskSchedule, plan: layers_lib.Plan, num_masks: int, view, leaves, where):
+    """Full-size updates: the view in place, zeros elsewhere (None outside the view)."""
+    if schedule.granularity == "layer":
+        return write_layers(plan, view, leaves, where)
+    out = [None] * len(leaves)
+    for i in plan.unit_leaves:
+        out[i] = write_window(view[i], leaves[i].shape, where, num_masks)
+    return out
+
+
+def view_shapes(plan: layers_lib.Plan, num_masks: int, leaves) -> tuple[list, list]:
+    """Shapes of the view and of the dense part (always-active leaves), for init.
+
+    Works on `jax.ShapeDtypeStruct` leaves; MaskedNode where a leaf takes no part.
+    """
+
+    def struct(shape, x):
+        return jax.ShapeDtypeStruct(shape, x.dtype)
+
+    view = [MASKED] * len(leaves)
+    dense = [MASKED] * len(leaves)
+    for i, (x, role) in enumerate(zip(leaves, plan.roles, strict=True)):
+        if role == layers_lib.UNIT:
+            view[i] = struct(window_shape(x.shape, num_masks), x)
+        elif role == layers_lib.STACKED:
+            view[i] = struct((plan.num_layers // num_masks,) + x.shape[1:], x)
+        elif role == layers_lib.ALWAYS:
+            dense[i] = x
+    if layers_lib.UNROLLED in plan.roles:
+        positions = unrolled_positions(plan, leaves)
+        for s in range(plan.num_layers // num_masks):
+            for i in positions[s]:
+                view[i] = struct(leaves[i].shape, leaves[i])
+    return view, dense
+
+
+def omgd_compact(
+    inner: optax.GradientTransformationExtraArgs, schedule: MaskSchedule, key: jax.Array | int
+) -> optax.GradientTransformationExtraArgs:
+    """``omgd(inner, ..., state="compact")`` for a built schedule; see :func:`omgd_jax.omgd`.
+
+    ``inner`` must accept extra args (`optax.with_extra_args_support`); the schedule is checked
+    with `check_compact`.
+    """
+    check_compact(schedule)
+    check_key(key)
+    layer = schedule.granularity == "layer"
+
+    def init_fn(params):
+        mask_fields = init_mask_state(key)
+        if layers_lib.is_params_placeholder(params):
+            return OmgdCompactState(
+                *mask_fields, jnp.int32(-1), _NotParams(), _NotParams(), _NotParams()
+            )
+        leaves, treedef = jax.tree.flatten(params)
+        plan = schedule.plan(params)
+        view, dense = view_shapes(plan, schedule.masks_for(plan), leaves)
+        active = inner.init(_zeros(jax.tree.unflatten(treedef, view)))
+        dense_state = (
+            inner.init(jax.tree.map(layers_lib.concrete, jax.tree.unflatten(treedef, dense)))
+            if layer
+            else optax.EmptyState()
+        )
+        ids = next_layer_ids(plan, mask_fields.omgd_key, mask_fields.omgd_step)
+        return OmgdCompactState(*mask_fields, jnp.int32(-1), active, dense_state, ids)
+
+    def next_layer_ids(plan, key, step):
+        """The layers the update at ``step`` trains (int32[gamma]; int32[0] unless layers)."""
+        if not layer:
+            return jnp.zeros((0,), jnp.int32)
+        return schedule.active(plan, key, step).layer_ids.astype(jnp.int32)
+
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        mask_index=None,
+        active_layers=None,
+        num_layers=None,
+        **extra_args,
+    ):
+        leaves, treedef = jax.tree.flatten(updates)
+        p_leaves = None if params is None else treedef.flatten_up_to(params)
+        plan = schedule.plan(updates)
+        # The lean step (`omgd_jax.lean_train_step`) hands every stacked leaf, gradient and
+        # parameter alike, as the [gamma, ...] view of the layers `active_layers` of a stack
+        # of `num_layers`: no [N_L, ...] array to read from or write to.
+        lean = active_layers is not None
+        if lean:
+            if not layer or num_layers is None or mask_index is not None:
+                raise ValueError(
+                    "active_layers= (the lean layer-wise step) needs granularity='layer', "
+                    "num_layers= (the depth of the stack) and no mask_index"
+                )
+            plan = dataclasses.replace(plan, num_layers=num_layers, num_units=num_layers)
+        active = schedule.active(plan, state.omgd_key, state.omgd_step, mask_index)
+        num_masks = active.num_masks
+        where = active.layer_ids if layer else active.label
+        unflat = lambda xs: None if xs is None else jax.tree.unflatten(treedef, xs)
+
+        shapes, _ = view_shapes(plan, num_masks, leaves)
+        expected = jax.eval_shape(inner.init, unflat(shapes))  # trace-time check only
+        if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.omgd_active_state):
+            raise ValueError("omgd: the update tree does not match the tree given to init")
+
+        def take(xs):
+            if lean:  # the stacked leaves are the views already
+                return [x if r == layers_lib.STACKED else MASKED for x, r in zip(xs, plan.roles)]
+            return read_view(schedule, plan, num_masks, xs, where)
+
+        g_view = [v if v is MASKED else v * active.factor for v in take(leaves)]
+        p_view = None if p_leaves is None else take(p_leaves)
+        fresh = inner.init(unflat(p_view) if p_view is not None else _zeros(unflat(g_view)))
+        reset = active.phase.phase_id != state.omgd_phase  # the mask changed: restart the state
+        old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
+        u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
+        u_view = _materialise(treedef.flatten_up_to(u_view), reset)
+        if lean:
+            out = [u if r == layers_lib.STACKED else None for u, r in zip(u_view, plan.roles)]
+        else:
+            out = write_view(schedule, plan, num_masks, u_view, leaves, where)
+
+        new_dense = state.omgd_dense_state
+        if layer:
+            dense = lambda xs: [
+                x if r == layers_lib.ALWAYS else MASKED for x, r in zip(xs, plan.roles, strict=True)
+            ]
+            u_dense, new_dense = inner.update(
+                unflat(dense(leaves)),
+                state.omgd_dense_state,
+                None if p_leaves is None else unflat(dense(p_leaves)),
+                **extra_args,
+            )
+            u_dense = treedef.flatten_up_to(u_dense)
+            out = [
+                u_dense[i] if r == layers_lib.ALWAYS else x
+                for i, (x, r) in enumerate(zip(out, plan.roles, strict=True))
+            ]
+        out = [
+            g if r == layers_lib.SKIP else x
+            for x, g, r in zip(out, leaves, plan.roles, strict=True)
+        ]
+        step = optax.safe_increment(state.omgd_step)
+        new_state = OmgdCompactState(
+            omgd_key=state.omgd_key,
+            omgd_step=step,
+            omgd_phase=active.phase.phase_id,
+            omgd_active_state=new_active,
+            omgd_dense_state=new_dense,
+            omgd_layer_ids=next_layer_ids(plan, state.omgd_key, step),
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _materialise(tree, pred):
+    """``tree`` unchanged, computed before anything that consumes it.
+
+    XLA:CPU would otherwise fuse the view's update into the full-size write, where its
+    reads of the parameters' window keep the parameter update from happening in place (a
+    full copy per leaf). The operands of a conditional are materialised; the identity
+    branches cost one pass over the view.
+    """
+    return jax.lax.cond(pred, lambda t: t, lambda t: jax.tree.map(lambda x: x + 0, t), tree)

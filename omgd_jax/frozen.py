@@ -1,4 +1,4 @@
-"""Per-unit inner state for ``omgd(..., state="frozen")``: PyTorch's behaviour in the paper's code.
+"""``omgd(..., state="frozen")``: per-unit inner state, PyTorch's behaviour in the paper's code.
 
 In the released code an inactive parameter gets no gradient, so AdamW skips it: its value, its
 moments and its own step count stay as they were, and it is not decayed. To reproduce that for
@@ -9,15 +9,90 @@ of an inactive unit is discarded with `jnp.where`.
 The per-leaf states are stored transposed, with the structure of ``inner.init(params)`` (a
 params-shaped tree where optax has one, a params-shaped tree of counters where it has a scalar),
 so that `optax.tree.map_params` and `optax.tree.get` see a familiar state.
+
+`omgd_frozen` is the transformation and `OmgdFrozenState` its state; the functions below it run
+the inner optimizer unit by unit.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from omgd_jax import layers as layers_lib
+from omgd_jax.schedule import MaskSchedule, check_key
+from omgd_jax.transforms import init_mask_state
+
+
+class OmgdFrozenState(NamedTuple):
+    """State of ``omgd(..., state="frozen")``: full inner state, one per unit."""
+
+    omgd_key: jax.Array  # typed PRNG key of the masks, as in `OmgdMaskState`.
+    omgd_step: jax.Array  # int32, optimizer steps taken.
+    omgd_inner_state: Any  # inner state per leaf (per layer for stacked leaves), transposed.
+
+
+def omgd_frozen(
+    inner: optax.GradientTransformation,
+    schedule: MaskSchedule,
+    key: jax.Array | int,
+    *,
+    inners_for_leaves: Callable[[Any], Sequence[optax.GradientTransformation]] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``omgd(inner, ..., state="frozen")`` for a built schedule; see :func:`omgd_jax.omgd`.
+
+    Args:
+      inner: the inner optimizer of every leaf, unless ``inners_for_leaves`` is given; its
+        state on a placeholder is what `optax.tree.map_params` sees.
+      schedule: the masks.
+      key: PRNG key or int seed of the masks.
+      inners_for_leaves: ``params -> [inner optimizer of every leaf]`` (in `jax.tree.leaves`
+        order), evaluated on the full parameter tree: `omgd_adamw` decays some leaves and not
+        others. Every leaf's inner state must have the same structure as ``inner``'s.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to the inners.
+    """
+    check_key(key)
+    inner = optax.with_extra_args_support(inner)
+    if inners_for_leaves is None:
+        inners_for_leaves = lambda params: [inner] * len(jax.tree.leaves(params))
+
+    def init_fn(params):
+        mask_fields = init_mask_state(key)
+        if layers_lib.is_params_placeholder(params):
+            return OmgdFrozenState(*mask_fields, inner.init(params))
+        leaves, treedef = jax.tree.flatten(params)
+        plan = schedule.plan(params)
+        inner_state = init_units(inners_for_leaves(params), plan, leaves, treedef)
+        return OmgdFrozenState(*mask_fields, inner_state)
+
+    def update_fn(updates, state, params=None, *, mask_index=None, **extra_args):
+        leaves, treedef = jax.tree.flatten(updates)
+        plan = schedule.plan(updates)
+        factors = schedule.factors(plan, leaves, state.omgd_key, state.omgd_step, mask_index)
+        p_leaves = None if params is None else treedef.flatten_up_to(params)
+        inners = [
+            optax.with_extra_args_support(t)
+            for t in inners_for_leaves(updates if params is None else params)
+        ]
+        expected = jax.eval_shape(lambda: init_units(inners, plan, leaves, treedef))
+        if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.omgd_inner_state):
+            raise ValueError("omgd: the update tree does not match the tree given to init")
+        states = split_units(inner, plan, leaves, treedef, state.omgd_inner_state)
+        out, new = update_units(inners, plan, leaves, states, p_leaves, factors, extra_args)
+        new_state = OmgdFrozenState(
+            omgd_key=state.omgd_key,
+            omgd_step=optax.safe_increment(state.omgd_step),
+            omgd_inner_state=merge_units(plan, treedef, new),
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _stacked(plan: layers_lib.Plan, i: int) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 # Roles of a leaf.
 SKIP = "skip"  # not floating point: passed through untouched.
@@ -42,6 +43,25 @@ def path_str(path: tuple) -> str:
 def concrete(leaf):
     """Arrays as they are; a `jax.ShapeDtypeStruct` as zeros (so `init` works on shapes)."""
     return leaf if isinstance(leaf, jax.Array) else jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def _params_placeholder_type() -> type:
+    """The type of the stand-in that `optax.tree.map_params` hands to ``init``, found by probing.
+
+    optax does not export it; one call of the public `optax.tree.map_params` with an ``init``
+    that records what it receives gives the type without importing optax's private modules.
+    """
+    seen = []
+    optax.tree.map_params(lambda params: seen.append(type(params)) or (), lambda *_: None, ())
+    return seen[0]
+
+
+_PARAMS_PLACEHOLDER = _params_placeholder_type()
+
+
+def is_params_placeholder(tree: Any) -> bool:
+    """True for the opaque placeholder that `optax.tree.map_params` calls ``init`` with."""
+    return isinstance(tree, _PARAMS_PLACEHOLDER)
 
 
 def is_float(leaf: Any) -> bool:

@@ -34,17 +34,22 @@ from ``fold_in(key, phase)``): the same law per phase as ``"wor"``, but no cover
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from omgd_jax import layers as layers_lib
 
-GRANULARITIES = ("element", "tensor", "layer")
-TRAVERSALS = ("wor", "iid")
-LAYOUTS = ("contiguous", "random")
-BALANCES = ("count", "size")
+Granularity = Literal["element", "tensor", "layer"]
+Traversal = Literal["wor", "iid"]
+Layout = Literal["contiguous", "random"]
+Balance = Literal["count", "size"]
+GRANULARITIES = get_args(Granularity)
+TRAVERSALS = get_args(Traversal)
+LAYOUTS = get_args(Layout)
+BALANCES = get_args(Balance)
 
 # Salts that separate the random streams derived from one key.
 _PARTITION, _ORDER, _PICK = 0, 1, 2
@@ -57,6 +62,20 @@ class Phase(NamedTuple):
     cycle: jax.Array  # index of the cycle (wor) or of the phase (iid).
     group: jax.Array  # which of the M groups of the cycle's partition is active.
     phase_id: jax.Array  # changes exactly when the active group changes; -1 in warm-up.
+
+
+class Active(NamedTuple):
+    """What is active at one step: everything a masked update needs, from `MaskSchedule.active`.
+
+    ``num_masks`` and ``factor`` are Python numbers (static under `jit`); the rest are traced.
+    """
+
+    num_masks: int  # M for this tree (layer granularity: N_L / gamma).
+    phase: Phase  # where the step falls: warm-up or not, cycle, group, phase id.
+    partition_key: jax.Array  # key of this cycle's partition (hash seeds, tensor labels, layers).
+    label: jax.Array  # int32, the partition label (0..M-1) that is active.
+    layer_ids: jax.Array | None  # layer granularity: int32[gamma], the active layers; else None.
+    factor: float  # value of a kept entry once masking starts: M if scale, else 1.
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -96,21 +115,35 @@ def canonical_key(key: jax.Array | int) -> jax.Array:
 class MaskSchedule:
     """Validated OMGD mask configuration; see the module docstring for the meaning.
 
-    ``num_masks`` may be None only for layer granularity with ``layers_per_phase`` given, in
-    which case M = N_L / gamma is fixed when the tree is first seen.
+    The fields are the mask arguments of `omgd_mask`, `omgd` and `omgd_adamw`, with the same
+    names and defaults (a test keeps them equal); those factories build their schedule with
+    `MaskSchedule.from_args`. ``num_masks`` may be None only for layer granularity with
+    ``layers_per_phase`` given, in which case M = N_L / gamma is fixed when the tree is seen.
+
+    Everything a step needs comes from `active`: (phase, active label, active layer ids,
+    factor) as a pure function of (key, step), usable inside `jit`.
     """
 
-    num_masks: int | None
+    num_masks: int | None = None
     steps_per_mask: int = 1
-    granularity: str = "element"
-    traversal: str = "wor"
+    granularity: Granularity = "element"
+    traversal: Traversal = "wor"
     scale: bool = True
     warmup_steps: int = 0
     layers: layers_lib.LayerSpec | None = None
     layers_per_phase: int | None = None
-    layout: str = "contiguous"
-    balance: str = "count"
+    layout: Layout = "contiguous"
+    balance: Balance = "count"
     repartition: bool = True
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> MaskSchedule:
+        """The schedule named by a factory's arguments (e.g. its ``locals()``), by keyword.
+
+        Picks every field of `MaskSchedule` out of ``args`` by name and ignores the rest, so a
+        factory passes its arguments without repeating them and without relying on order.
+        """
+        return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
 
     def __post_init__(self):
         check_choice("granularity", self.granularity, GRANULARITIES)
@@ -264,6 +297,55 @@ class MaskSchedule:
         perm = jax.random.permutation(key, num_layers)
         return jax.lax.dynamic_slice_in_dim(perm, label * gamma, gamma)
 
+    # ------------------------------------------------------------------------------ one step
+    def active(
+        self,
+        plan: layers_lib.Plan,
+        key: jax.Array,
+        step: jax.Array,
+        mask_index: jax.Array | None = None,
+    ) -> Active:
+        """What is active at optimizer step ``step`` (0-based) for a tree with plan ``plan``.
+
+        A pure function of (key, step), traceable under `jit`, and the one place that turns a
+        step into a mask: the dense factors (`factors`), the compact state and the frozen state
+        all read it. For layer granularity ``layer_ids`` are the gamma active layers (indices
+        along the stacked axis, or renumbered unrolled layers); only ``plan.num_layers`` and
+        the roles of ``plan`` are used, so ``schedule.plan(params)`` of any tree with the same
+        layers will do.
+
+        Args:
+          plan: ``self.plan(tree)``.
+          key: the typed PRNG key of the masks (``OmgdMaskState.omgd_key``).
+          step: int32 scalar, optimizer steps taken before this one.
+          mask_index: Algorithm 1's joint order: the mask of the cycle to use (wor only).
+
+        Returns:
+          An `Active` tuple.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp
+          >>> from omgd_jax.schedule import MaskSchedule
+          >>> schedule = MaskSchedule(
+          ...     granularity="layer", layers=r"^blocks/", layers_per_phase=2, steps_per_mask=5
+          ... )
+          >>> plan = schedule.plan({"blocks": {"w": jnp.zeros((6, 3))}, "head": jnp.zeros(3)})
+          >>> cycle = [schedule.active(plan, jax.random.key(0), 5 * j) for j in range(3)]
+          >>> sorted(int(i) for a in cycle for i in a.layer_ids)  # every layer once per cycle
+          [0, 1, 2, 3, 4, 5]
+          >>> cycle[0].num_masks, cycle[0].factor
+          (3, 3.0)
+        """
+        num_masks = self.masks_for(plan)
+        phase = self.phase(step, num_masks, mask_index)
+        partition_key, _ = self.keys(key, phase)
+        label = self.active_label(key, phase, num_masks)
+        layer_ids = None
+        if self.granularity == "layer":
+            layer_ids = self.layer_ids(partition_key, plan.num_layers, label, num_masks)
+        factor = float(num_masks) if self.scale else 1.0
+        return Active(num_masks, phase, partition_key, label, layer_ids, factor)
+
     # ------------------------------------------------------------------------------ dense masks
     def factors(
         self,
@@ -280,24 +362,20 @@ class MaskSchedule:
         untouched (non-floating leaves, and always-active leaves of layer granularity).
         During the warm-up every factor is 1.
         """
-        num_masks = self.masks_for(plan)
-        phase = self.phase(step, num_masks, mask_index)
-        partition_key, _ = self.keys(key, phase)
-        label = self.active_label(key, phase, num_masks)
-        kept = float(num_masks) if self.scale else 1.0
-        active = self._active(plan, leaves, partition_key, label, num_masks)
+        active = self.active(plan, key, step, mask_index)
         out = []
-        for leaf, act in zip(leaves, active, strict=True):
-            if act is None:
+        for leaf, on in zip(leaves, self._active(plan, leaves, active), strict=True):
+            if on is None:
                 out.append(None)
             else:
-                value = jnp.where(act, kept, 0.0).astype(leaf.dtype)
-                out.append(jnp.where(phase.masked, value, jnp.ones((), leaf.dtype)))
+                value = jnp.where(on, active.factor, 0.0).astype(leaf.dtype)
+                out.append(jnp.where(active.phase.masked, value, jnp.ones((), leaf.dtype)))
         return out
 
-    def _active(self, plan, leaves, key, label, num_masks) -> list[jax.Array | None]:
+    def _active(self, plan, leaves, active: Active) -> list[jax.Array | None]:
         """Per leaf, a boolean (broadcastable) activity array, or None for 'untouched'."""
         roles = plan.roles
+        key, label, num_masks = active.partition_key, active.label, active.num_masks
         out: list[jax.Array | None] = [None] * len(leaves)
         if self.granularity == "element":
             for i in plan.unit_leaves:
@@ -324,8 +402,7 @@ class MaskSchedule:
             for u, i in enumerate(plan.unit_leaves):
                 out[i] = labels[u] == label
         else:
-            ids = self.layer_ids(key, plan.num_layers, label, num_masks)
-            on = jnp.zeros(plan.num_layers, bool).at[ids].set(True)
+            on = jnp.zeros(plan.num_layers, bool).at[active.layer_ids].set(True)
             for i, role in enumerate(roles):
                 if role == layers_lib.STACKED:
                     out[i] = on.reshape((-1,) + (1,) * (leaves[i].ndim - 1))

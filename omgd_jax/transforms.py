@@ -5,11 +5,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from omgd_jax import layers as layers_lib
-from omgd_jax.schedule import MaskSchedule, canonical_key, check_key
+from omgd_jax.schedule import (
+    Balance,
+    Granularity,
+    Layout,
+    MaskSchedule,
+    Traversal,
+    canonical_key,
+    check_key,
+)
 
 
 class OmgdMaskState(NamedTuple):
@@ -20,7 +28,8 @@ class OmgdMaskState(NamedTuple):
 
 
 def init_mask_state(key: jax.Array | int) -> OmgdMaskState:
-    return OmgdMaskState(omgd_key=canonical_key(key), omgd_step=jax.numpy.zeros([], "int32"))
+    """The mask fields at step 0 (also the first two fields of the compact and frozen states)."""
+    return OmgdMaskState(omgd_key=canonical_key(key), omgd_step=jnp.zeros([], jnp.int32))
 
 
 def masked_updates(schedule: MaskSchedule, updates, state: OmgdMaskState, mask_index=None):
@@ -37,14 +46,14 @@ def omgd_mask(
     steps_per_mask: int = 1,
     *,
     key: jax.Array | int = 0,
-    granularity: str = "element",
-    traversal: str = "wor",
+    granularity: Granularity = "element",
+    traversal: Traversal = "wor",
     scale: bool = True,
     warmup_steps: int = 0,
     layers: layers_lib.LayerSpec | None = None,
     layers_per_phase: int | None = None,
-    layout: str = "contiguous",
-    balance: str = "count",
+    layout: Layout = "contiguous",
+    balance: Balance = "count",
     repartition: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Masks the gradient with Omni-Masked Gradient Descent's traversal of disjoint masks.
@@ -112,19 +121,7 @@ def omgd_mask(
     References:
       Yang et al., Omni-Masked Gradient Descent, arXiv 2603.05960, 2026.
     """
-    schedule = MaskSchedule(
-        num_masks,
-        steps_per_mask,
-        granularity,
-        traversal,
-        scale,
-        warmup_steps,
-        layers,
-        layers_per_phase,
-        layout,
-        balance,
-        repartition,
-    )
+    schedule = MaskSchedule.from_args(locals())
     check_key(key)  # validate now, create the array in init
 
     def init_fn(params):
@@ -134,6 +131,6 @@ def omgd_mask(
     def update_fn(updates, state, params=None, *, mask_index=None, **extra_args):
         del params, extra_args
         updates, _ = masked_updates(schedule, updates, state, mask_index)
-        return updates, state._replace(omgd_step=numerics.safe_increment(state.omgd_step))
+        return updates, state._replace(omgd_step=optax.safe_increment(state.omgd_step))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
