@@ -113,10 +113,8 @@ def measure(make_model, loss_fn, batch, gamma):
             step = omgd_jax.lean_train_step(loss_of, tx, layers=LAYERS)
 
             def grads_of(p, s, x, y, tx=tx):
-                ids = omgd_jax.active_layers(s)
-                view = omgd_jax.layer_view(p, ids, layers=LAYERS)
                 fn = omgd_jax.lean_value_and_grad(loss_of, layers=LAYERS)
-                return fn(p, view, ids, x, y)[1]
+                return fn(p, omgd_jax.active_layers(s), x, y)[1]
         else:
             step = dense_step(loss_of, tx)
 
@@ -163,8 +161,11 @@ def main(argv=None):
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             cols = [r[k] / GIB for k in ("weights", "gradients", "optimizer", "other", "total")]
-            print(f"| {r['method']} | " + " | ".join(f"{c:.2f}" for c in cols)
-                  + f" | {r['total'] / base:.3f} |")
+            print(
+                f"| {r['method']} | "
+                + " | ".join(f"{c:.2f}" for c in cols)
+                + f" | {r['total'] / base:.3f} |"
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "records": records}, f, indent=1)

@@ -36,8 +36,9 @@ def setups(remat: bool):
     # GPT-2-124M: the tied 50304 x 768 embedding is 31% of the parameters and always trained.
     yield "gpt2-124m 1x1024", get_config("gpt2-124m", remat=remat), (1, 1024), 3
     # Blocks dominate: 8 blocks of width 512 on a 256-token vocabulary (byte-level).
-    small = get_config("gpt2-124m", n_layer=8, n_head=8, n_embd=512, block_size=256,
-                       vocab_size=256, remat=remat)
+    small = get_config(
+        "gpt2-124m", n_layer=8, n_head=8, n_embd=512, block_size=256, vocab_size=256, remat=remat
+    )
     yield "blocks-heavy 8x512 4x256", small, (4, 256), 2
 
 
@@ -59,8 +60,9 @@ def build(cfg, gamma):
         u, s = adamw.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
-    tx = omgd_jax.omgd_adamw(1e-4, **adam, granularity="layer", layers=LAYERS,
-                             layers_per_phase=gamma, steps_per_mask=100)
+    tx = omgd_jax.omgd_adamw(
+        1e-4, **adam, granularity="layer", layers=LAYERS, layers_per_phase=gamma, steps_per_mask=100
+    )
     lean = omgd_jax.lean_train_step(loss_of, tx, layers=LAYERS)
     return params, {
         "adamw": (jax.jit(dense, donate_argnums=(0, 1)), adamw),
@@ -104,24 +106,31 @@ def main(argv=None):
         base = times["adamw"]
         for name, ts in times.items():
             ratios = [t / b for t, b in zip(ts, base, strict=True)]
-            records.append({
-                "model": model,
-                "method": name,
-                "remat": args.remat,
-                "median_s": statistics.median(ts),
-                "ratio_to_adamw": statistics.median(ratios),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
-            })
+            records.append(
+                {
+                    "model": model,
+                    "method": name,
+                    "remat": args.remat,
+                    "median_s": statistics.median(ts),
+                    "ratio_to_adamw": statistics.median(ratios),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                }
+            )
     print("| model | method | median ms | x AdamW (median of rounds) | range |")
     print("|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['model']} | {r['method']} | {1e3 * r['median_s']:.0f} | "
-              f"{r['ratio_to_adamw']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |")
+        print(
+            f"| {r['model']} | {r['method']} | {1e3 * r['median_s']:.0f} | "
+            f"{r['ratio_to_adamw']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "remat": args.remat,
-                       "records": records}, f, indent=1)
+            json.dump(
+                {"device": jax.devices()[0].device_kind, "remat": args.remat, "records": records},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

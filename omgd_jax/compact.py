@@ -21,7 +21,6 @@ zeros (an update, so inactive coordinates do not move).
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from typing import Any, NamedTuple
 

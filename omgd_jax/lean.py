@@ -47,7 +47,9 @@ _TRAINABLE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("omgd_l
 
 @contextlib.contextmanager
 def _train_only(stack_leaves, view_leaves, ids):
-    token = _TRAINABLE.set({id(a): (v, ids) for a, v in zip(stack_leaves, view_leaves, strict=True)})
+    token = _TRAINABLE.set(
+        {id(a): (v, ids) for a, v in zip(stack_leaves, view_leaves, strict=True)}
+    )
     try:
         yield
     finally:
@@ -151,7 +153,9 @@ def scan_layers(
         raise ValueError("scan_layers: view is given without ids; pass both or neither")
     ids = jnp.asarray(ids, jnp.int32)
     if ids.ndim != 1:
-        raise ValueError(f"scan_layers: ids must be a 1-D int array of layer indices, got {ids.shape}")
+        raise ValueError(
+            f"scan_layers: ids must be a 1-D int array of layer indices, got {ids.shape}"
+        )
     depth = {a.shape[0] for a in jax.tree.leaves(stack)}
     gamma = {a.shape[0] for a in jax.tree.leaves(view)}
     if len(depth) != 1 or gamma != {ids.shape[0]}:
@@ -198,24 +202,23 @@ def _lean_bwd(layer_fn, remat, res, dy):
     n = jax.tree.leaves(stack)[0].shape[0]
     gbuf = jax.tree.map(lambda a: jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), stack)
 
-    if remat:
-
-        def vjp_at(p, h):
-            return jax.vjp(layer_fn, p, h)[1]
-
-
     def body(carry, l):
         dh, gbuf = carry
         p = _layer(stack, l)
+        slot = _slot(ids, l)
         if remat:
             h = jax.lax.dynamic_index_in_dim(saved, l, 0, False)
-            vjp = vjp_at(p, h)
+            full = lambda: jax.vjp(layer_fn, p, h)[1]
+            # Inactive: differentiate with respect to the input alone; no x^T dy matmuls.
+            input_only = lambda dh: jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0]
         else:
             vjp = _rebuild(layer_fn, p, jax.tree.map(lambda r: _row(r, l), saved), dh)
-        slot = _slot(ids, l)
+            full = lambda: vjp
+            # The weight cotangent is dead code in this branch and XLA removes it.
+            input_only = lambda dh: vjp(dh)[1]
 
         def active(dh, gbuf):
-            dp, dx = vjp(dh)
+            dp, dx = full()(dh)
             gbuf = jax.tree.map(
                 lambda b, d: jax.lax.dynamic_update_index_in_dim(b, d.astype(b.dtype), slot, 0),
                 gbuf,
@@ -224,7 +227,7 @@ def _lean_bwd(layer_fn, remat, res, dy):
             return dx, gbuf
 
         def inactive(dh, gbuf):
-            return vjp(dh)[1], gbuf  # the weight cotangent is dead code here: XLA drops it
+            return input_only(dh), gbuf
 
         return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
 
@@ -286,8 +289,8 @@ def _depth(params, layers) -> int:
 def layer_view(params, ids: jax.Array, *, layers: layers_lib.LayerSpec):
     """``params`` with every stacked leaf replaced by its ``[gamma, ...]`` active layers.
 
-    Take it before the forward pass and hand it to `apply_layer_updates`: reading the (donated)
-    stack after the layer loop would make XLA copy every weight leaf.
+    The optimizer runs on it (``tx.update(grads, state, view, active_layers=ids, ...)``) and
+    `apply_layer_updates` writes it back.
     """
     leaves, treedef, roles = _stacked(params, layers)
     out = [_take(x, ids) if r == layers_lib.STACKED else x for x, r in zip(leaves, roles)]
@@ -298,12 +301,16 @@ def lean_value_and_grad(fun: Callable, *, layers: layers_lib.LayerSpec, has_aux:
     r"""``jax.value_and_grad(fun)`` that differentiates only the active layers of a stack.
 
     ``fun(params, *args)`` computes a scalar loss and runs the stacked layers of ``params``
-    (the leaves matched by ``layers``) through :func:`scan_layers` (directly, or through a model
-    that does). The returned function takes ``(params, params_view, ids, *args)``, with
-    ``params_view = layer_view(params, ids, layers=layers)``, and gives ``(value, grads)``:
-    ``grads`` has the structure of ``params_view``: the always-active leaves in full, and the
-    gradient of layer ``ids[s]`` at position ``s`` of every stacked leaf. No ``[N_L, ...]``
-    gradient is built and inactive layers get no weight-gradient work.
+    (the leaves matched by ``layers``) through :func:`scan_layers`, directly or through a
+    model that does. The returned function takes ``(params, ids, *args)`` and gives
+    ``(value, grads)``: ``grads`` holds the always-active leaves in full and, for every stacked
+    leaf, the ``[gamma, ...]`` gradient of layers ``ids`` (slot ``s`` for layer ``ids[s]``):
+    the structure of ``layer_view(params, ids, layers=layers)``. No ``[N_L, ...]`` gradient is
+    built and inactive layers get no weight-gradient work.
+
+    .. math::
+        \mathrm{grads}[\text{leaf}][s] = \frac{\partial\,\mathrm{fun}}{\partial\,
+        \text{leaf}[\mathrm{ids}_s]}
 
     Args:
       fun: the loss, ``fun(params, *args) -> loss`` (or ``(loss, aux)`` with ``has_aux``).
@@ -312,14 +319,25 @@ def lean_value_and_grad(fun: Callable, *, layers: layers_lib.LayerSpec, has_aux:
       has_aux: as for ``jax.value_and_grad``.
 
     Returns:
-      ``f(params, params_view, ids, *args) -> (value, grads)``.
+      ``f(params, ids, *args) -> (value, grads)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, omgd_jax
+      >>> params = {"blocks": {"w": jnp.arange(1.0, 5.0)}, "out": jnp.array(1.0)}
+      >>> def loss(p, x):  # 4 scalar layers x -> w x, then a scale
+      ...     f = lambda layer, h: layer["w"] * h
+      ...     return p["out"] * omgd_jax.scan_layers(f, p["blocks"], x)
+      >>> value, grads = omgd_jax.lean_value_and_grad(loss, layers="^blocks/")(
+      ...     params, jnp.array([1, 3]), 1.0)
+      >>> print(value, grads["blocks"]["w"], grads["out"])  # d/dw_1 = 1*3*4, d/dw_3 = 1*2*3
+      24.0 [12.  6.] 24.0
     """
 
-    def wrapped(params, params_view, ids, *args, **kwargs):
+    def wrapped(params, ids, *args, **kwargs):
         leaves, treedef, roles = _stacked(params, layers)
-        view_leaves = treedef.flatten_up_to(params_view)
+        ids = jnp.asarray(ids, jnp.int32)
         train = [i for i, r in enumerate(roles) if r in (layers_lib.ALWAYS, layers_lib.STACKED)]
-        stack = [i for i, r in enumerate(roles) if r == layers_lib.STACKED]
+        stack = [i for i in train if roles[i] == layers_lib.STACKED]
 
         def loss(trainable):
             full = list(leaves)
@@ -330,8 +348,16 @@ def lean_value_and_grad(fun: Callable, *, layers: layers_lib.LayerSpec, has_aux:
             with _train_only([leaves[i] for i in stack], view, ids):
                 return fun(jax.tree.unflatten(treedef, full), *args, **kwargs)
 
-        value, g = jax.value_and_grad(loss, has_aux=has_aux)([view_leaves[i] for i in train])
-        out = [jnp.zeros_like(x) for x in view_leaves]
+        # The views are only differentiation points: scan_layers reads the weights from the
+        # stack, so these zeros are never read and XLA does not allocate them.
+        point = [
+            jnp.zeros((ids.shape[0],) + leaves[i].shape[1:], leaves[i].dtype)
+            if roles[i] == layers_lib.STACKED
+            else leaves[i]
+            for i in train
+        ]
+        value, g = jax.value_and_grad(loss, has_aux=has_aux)(point)
+        out = [jnp.zeros_like(x) for x in leaves]  # non-float leaves: nothing to train
         for i, x in zip(train, g, strict=True):
             out[i] = x
         return value, jax.tree.unflatten(treedef, out)
@@ -378,8 +404,8 @@ def lean_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, laye
 
     def step(params, opt_state, *args, **kwargs):
         ids = active_layers(opt_state)
+        value, grads = grad_fn(params, ids, *args, **kwargs)
         view = layer_view(params, ids, layers=layers)
-        value, grads = grad_fn(params, view, ids, *args, **kwargs)
         updates, opt_state = tx.update(
             grads, opt_state, view, active_layers=ids, num_layers=_depth(params, layers)
         )

@@ -74,7 +74,11 @@ def _linear(din, dout, cfg, rngs):
 
 def _norm(d, cfg, rngs):
     return nnx.RMSNorm(
-        d, epsilon=1e-6, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs
+        d,
+        epsilon=1e-6,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
     )
 
 
@@ -104,7 +108,9 @@ def causal_attention(q, k, v):
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.wq, self.wk, self.wv, self.wo = (_linear(cfg.dim, cfg.dim, cfg, rngs) for _ in range(4))
+        self.wq, self.wk, self.wv, self.wo = (
+            _linear(cfg.dim, cfg.dim, cfg, rngs) for _ in range(4)
+        )
 
     def __call__(self, x):
         B, T, C = x.shape
@@ -164,7 +170,10 @@ class Llama(nnx.Module):
             raise ValueError(f"sequence length {idx.shape[1]} exceeds max_len {self.cfg.max_len}")
         graphdef, stack = nnx.split(self.blocks)
         x = omgd_jax.scan_layers(
-            lambda layer, h: nnx.merge(graphdef, layer)(h), stack, self.embed(idx), remat=self.cfg.remat
+            lambda layer, h: nnx.merge(graphdef, layer)(h),
+            stack,
+            self.embed(idx),
+            remat=self.cfg.remat,
         )
         return self.norm(x)
 
