@@ -16,6 +16,16 @@
 from omgd_jax.compact import OmgdCompactState
 from omgd_jax.frozen import OmgdFrozenState
 from omgd_jax.galore import GaloreState, galore, golore, stiefel_projector
+from omgd_jax.lean import (
+    active_layers,
+    apply_layer_updates,
+    gather_layers,
+    layer_view,
+    lean_train_step,
+    lean_value_and_grad,
+    scan_layers,
+    scatter_layers,
+)
 from omgd_jax.lisa import iid_element_mask, iid_tensor_mask, lisa, lisa_wor
 from omgd_jax.mofasgd import ScaleByMofasgdState, mofasgd, scale_by_mofasgd
 from omgd_jax.schedule import MaskSchedule
@@ -43,11 +53,17 @@ __all__ = [
     "ScaleByMofasgdState",
     "SiftState",
     "SkipUpdateState",
+    "active_layers",
+    "apply_layer_updates",
+    "gather_layers",
     "galore",
     "golore",
     "iid_element_mask",
     "iid_tensor_mask",
     "joint_traversal",
+    "layer_view",
+    "lean_train_step",
+    "lean_value_and_grad",
     "lisa",
     "lisa_wor",
     "magma",
@@ -57,6 +73,8 @@ __all__ = [
     "omgd_adamw",
     "omgd_mask",
     "scale_by_mofasgd",
+    "scan_layers",
+    "scatter_layers",
     "sift",
     "skip_update",
     "skip_update_adamw",

@@ -20,6 +20,7 @@ zeros (an update, so inactive coordinates do not move).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -42,6 +43,8 @@ class OmgdCompactState(NamedTuple):
     omgd_phase: jax.Array  # int32 id of the mask the buffers were started for; -1: none yet.
     omgd_active_state: Any  # inner state over the fixed-size view of the active share.
     omgd_dense_state: Any  # layer granularity: inner state of the always-active leaves.
+    omgd_layer_ids: jax.Array  # layer granularity: int32[gamma], the layers the next update
+    # trains (`omgd_jax.active_layers` reads it to build a lean step); int32[0] otherwise.
 
 
 def window_shape(shape: tuple[int, ...], num_masks: int) -> tuple[int, ...]:
@@ -226,7 +229,9 @@ def omgd_compact(
     def init_fn(params):
         mask_fields = init_mask_state(key)
         if layers_lib.is_params_placeholder(params):
-            return OmgdCompactState(*mask_fields, jnp.int32(-1), _NotParams(), _NotParams())
+            return OmgdCompactState(
+                *mask_fields, jnp.int32(-1), _NotParams(), _NotParams(), _NotParams()
+            )
         leaves, treedef = jax.tree.flatten(params)
         plan = schedule.plan(params)
         view, dense = view_shapes(plan, schedule.masks_for(plan), leaves)
@@ -236,12 +241,39 @@ def omgd_compact(
             if layer
             else optax.EmptyState()
         )
-        return OmgdCompactState(*mask_fields, jnp.int32(-1), active, dense_state)
+        ids = next_layer_ids(plan, mask_fields.omgd_key, mask_fields.omgd_step)
+        return OmgdCompactState(*mask_fields, jnp.int32(-1), active, dense_state, ids)
 
-    def update_fn(updates, state, params=None, *, mask_index=None, **extra_args):
+    def next_layer_ids(plan, key, step):
+        """The layers the update at ``step`` trains (int32[gamma]; int32[0] unless layers)."""
+        if not layer:
+            return jnp.zeros((0,), jnp.int32)
+        return schedule.active(plan, key, step).layer_ids.astype(jnp.int32)
+
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        mask_index=None,
+        active_layers=None,
+        num_layers=None,
+        **extra_args,
+    ):
         leaves, treedef = jax.tree.flatten(updates)
         p_leaves = None if params is None else treedef.flatten_up_to(params)
         plan = schedule.plan(updates)
+        # The lean step (`omgd_jax.lean_train_step`) hands every stacked leaf, gradient and
+        # parameter alike, as the [gamma, ...] view of the layers `active_layers` of a stack
+        # of `num_layers`: no [N_L, ...] array to read from or write to.
+        lean = active_layers is not None
+        if lean:
+            if not layer or num_layers is None or mask_index is not None:
+                raise ValueError(
+                    "active_layers= (the lean layer-wise step) needs granularity='layer', "
+                    "num_layers= (the depth of the stack) and no mask_index"
+                )
+            plan = dataclasses.replace(plan, num_layers=num_layers, num_units=num_layers)
         active = schedule.active(plan, state.omgd_key, state.omgd_step, mask_index)
         num_masks = active.num_masks
         where = active.layer_ids if layer else active.label
@@ -252,15 +284,22 @@ def omgd_compact(
         if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.omgd_active_state):
             raise ValueError("omgd: the update tree does not match the tree given to init")
 
-        g_view = read_view(schedule, plan, num_masks, leaves, where)
-        g_view = [v if v is MASKED else v * active.factor for v in g_view]
-        p_view = None if p_leaves is None else read_view(schedule, plan, num_masks, p_leaves, where)
+        def take(xs):
+            if lean:  # the stacked leaves are the views already
+                return [x if r == layers_lib.STACKED else MASKED for x, r in zip(xs, plan.roles)]
+            return read_view(schedule, plan, num_masks, xs, where)
+
+        g_view = [v if v is MASKED else v * active.factor for v in take(leaves)]
+        p_view = None if p_leaves is None else take(p_leaves)
         fresh = inner.init(unflat(p_view) if p_view is not None else _zeros(unflat(g_view)))
         reset = active.phase.phase_id != state.omgd_phase  # the mask changed: restart the state
         old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
         u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
         u_view = _materialise(treedef.flatten_up_to(u_view), reset)
-        out = write_view(schedule, plan, num_masks, u_view, leaves, where)
+        if lean:
+            out = [u if r == layers_lib.STACKED else None for u, r in zip(u_view, plan.roles)]
+        else:
+            out = write_view(schedule, plan, num_masks, u_view, leaves, where)
 
         new_dense = state.omgd_dense_state
         if layer:
@@ -282,12 +321,14 @@ def omgd_compact(
             g if r == layers_lib.SKIP else x
             for x, g, r in zip(out, leaves, plan.roles, strict=True)
         ]
+        step = optax.safe_increment(state.omgd_step)
         new_state = OmgdCompactState(
             omgd_key=state.omgd_key,
-            omgd_step=optax.safe_increment(state.omgd_step),
+            omgd_step=step,
             omgd_phase=active.phase.phase_id,
             omgd_active_state=new_active,
             omgd_dense_state=new_dense,
+            omgd_layer_ids=next_layer_ids(plan, state.omgd_key, step),
         )
         return jax.tree.unflatten(treedef, out), new_state
 

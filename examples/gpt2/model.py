@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import omgd_jax
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -44,6 +46,7 @@ class GPTConfig:
     vocab_size: int = 50304
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"; params stay float32
     remat: bool = False  # recompute each block's activations in the backward pass
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (no full logits)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -158,32 +161,45 @@ class GPT(nnx.Module):
         self.blocks = make_blocks(rngs)  # every leaf: leading layer axis of size n_layer
         self.ln_f = _layernorm(cfg.n_embd, cfg, rngs)
 
-    def __call__(self, idx):
+    def hidden(self, idx):
+        """The final LayerNorm's output (B, T, d), before the tied head."""
         cfg = self.cfg
         T = idx.shape[1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         x = self.wte(idx) + self.wpe(jnp.arange(T))[None]
 
-        def body(x, block):
-            return block(x)
+        # omgd_jax.scan_layers is lax.scan over the stacked blocks; under omgd_jax's lean
+        # layer-wise step it differentiates only the active blocks.
+        graphdef, stack = nnx.split(self.blocks)
+        x = omgd_jax.scan_layers(
+            lambda layer, h: nnx.merge(graphdef, layer)(h), stack, x, remat=cfg.remat
+        )
+        return self.ln_f(x)
 
-        if cfg.remat:
-            body = nnx.remat(body)
-
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run_blocks(x, block):
-            return body(x, block)
-
-        x = run_blocks(x, self.blocks)
-        x = self.ln_f(x)
-        return self.wte.attend(x).astype(jnp.float32)  # tied output head
+    def __call__(self, idx):
+        return self.wte.attend(self.hidden(idx)).astype(jnp.float32)  # tied output head
 
 
 def loss_fn(model: GPT, idx, targets):
-    """Mean next-token cross-entropy in float32."""
-    logits = model(idx)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    """Mean next-token cross-entropy in float32; chunked over tokens when ``loss_chunk`` > 0.
+
+    Chunking (a `lax.map` over token chunks, each chunk's logits recomputed in the backward
+    pass) keeps the (B T, vocab) logits from ever existing at once.
+    """
+    chunk = model.cfg.loss_chunk
+    if not chunk:
+        logits = model(idx)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    h = model.hidden(idx)
+    h, t = h.reshape(-1, chunk, h.shape[-1]), targets.reshape(-1, chunk)
+
+    @jax.checkpoint
+    def one(ht):
+        logits = model.wte.attend(ht[0]).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ht[1]).sum()
+
+    return jnp.sum(jax.lax.map(one, (h, t))) / targets.size
 
 
 def count_params(cfg: GPTConfig, non_embedding: bool = False) -> int:

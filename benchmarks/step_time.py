@@ -1,0 +1,137 @@
+"""Wall time of whole training steps: AdamW against the lean OMGD-layer step, interleaved.
+
+    python -m benchmarks.step_time --out benchmarks/results/step_time.json
+
+Both steps are jitted with the parameters and optimizer state donated and run in turn in one
+process (round r: AdamW, then OMGD), so load that comes and goes hits both alike; the ratio is
+taken per round and its median reported with the spread. Same activation policy on both rows
+(``--remat``: per-layer remat for both; default: none for either, the lean step keeping each
+layer's linearisation residuals). OMGD-layer is `omgd_adamw(granularity="layer")` under
+`omgd_jax.lean_train_step`: the backward of an inactive block computes only its input
+cotangent, and only the active blocks are updated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+import omgd_jax
+
+LAYERS = r"^blocks/"
+
+
+def setups(remat: bool):
+    """(name, config, batch, gamma)."""
+    from examples.gpt2.model import get_config
+
+    # GPT-2-124M: the tied 50304 x 768 embedding is 31% of the parameters and always trained.
+    yield "gpt2-124m 1x1024", get_config("gpt2-124m", remat=remat), (1, 1024), 3
+    # Blocks dominate: 8 blocks of width 512 on a 256-token vocabulary (byte-level).
+    small = get_config(
+        "gpt2-124m", n_layer=8, n_head=8, n_embd=512, block_size=256, vocab_size=256, remat=remat
+    )
+    yield "blocks-heavy 8x512 4x256", small, (4, 256), 2
+
+
+def build(cfg, gamma):
+    from examples.gpt2.model import GPT, loss_fn
+
+    model = GPT(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+
+    def loss_of(p, x, y):
+        return loss_fn(nnx.merge(graphdef, p), x, y)
+
+    adam = dict(b1=0.9, b2=0.95, weight_decay=0.1)
+    adamw = optax.adamw(1e-4, **adam)
+
+    def dense(p, s, x, y):
+        loss, g = jax.value_and_grad(loss_of)(p, x, y)
+        u, s = adamw.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    tx = omgd_jax.omgd_adamw(
+        1e-4, **adam, granularity="layer", layers=LAYERS, layers_per_phase=gamma, steps_per_mask=100
+    )
+    lean = omgd_jax.lean_train_step(loss_of, tx, layers=LAYERS)
+    return params, {
+        "adamw": (jax.jit(dense, donate_argnums=(0, 1)), adamw),
+        f"omgd-layer lean (gamma={gamma})": (jax.jit(lean, donate_argnums=(0, 1)), tx),
+    }
+
+
+def measure(cfg, batch, gamma, rounds):
+    params, steps = build(cfg, gamma)
+    x = jax.random.randint(jax.random.key(1), batch, 0, cfg.vocab_size)
+    y = jnp.roll(x, -1, axis=1)
+    live = {}
+    for name, (step, tx) in steps.items():
+        p = jax.tree.map(jnp.copy, params)
+        live[name] = [step, p, tx.init(p)]
+        for _ in range(2):  # compile and warm up
+            live[name][1], live[name][2], loss = step(live[name][1], live[name][2], x, y)
+            loss.block_until_ready()
+    times = {name: [] for name in live}
+    for _ in tqdm(range(rounds), desc=f"{cfg.n_layer}x{cfg.n_embd}", leave=False):
+        for name, entry in live.items():
+            t0 = time.perf_counter()
+            entry[1], entry[2], loss = entry[0](entry[1], entry[2], x, y)
+            loss.block_until_ready()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="write the records as JSON to this file")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (median)")
+    parser.add_argument("--remat", action="store_true", help="per-layer remat on both rows")
+    parser.add_argument("--only", default=None, help="setups whose name contains this string")
+    args = parser.parse_args(argv)
+    records = []
+    for model, cfg, batch, gamma in setups(args.remat):
+        if args.only and args.only not in model:
+            continue
+        times = measure(cfg, batch, gamma, args.rounds)
+        base = times["adamw"]
+        for name, ts in times.items():
+            ratios = [t / b for t, b in zip(ts, base, strict=True)]
+            records.append(
+                {
+                    "model": model,
+                    "method": name,
+                    "remat": args.remat,
+                    "median_s": statistics.median(ts),
+                    "ratio_to_adamw": statistics.median(ratios),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                }
+            )
+    print("| model | method | median ms | x AdamW (median of rounds) | range |")
+    print("|---|---|---|---|---|")
+    for r in records:
+        print(
+            f"| {r['model']} | {r['method']} | {1e3 * r['median_s']:.0f} | "
+            f"{r['ratio_to_adamw']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {"device": jax.devices()[0].device_kind, "remat": args.remat, "records": records},
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()

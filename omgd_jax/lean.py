@@ -1,0 +1,414 @@
+"""The lean layer-wise step: differentiate, store and update only the active layers.
+
+Masking a gradient saves nothing in JAX: ``jax.grad`` over the whole tree computes and keeps the
+weight gradient of every layer. The paper's memory (Table 8) comes from frozen layers needing no
+weight gradients, no gradient buffer, no optimizer state and fewer saved activations, which
+PyTorch gets from ``requires_grad=False``. This module gets it in one compiled program whose
+active layers are traced data (one compilation for every phase):
+
+* :func:`scan_layers` runs a stack of layers (every leaf of ``stack`` leads with the layer axis
+  N_L) under a custom backward pass. Its weight cotangent is the ``[gamma, ...]`` ``view`` of the
+  active layers ``ids``; the backward of an inactive layer computes only the cotangent of its
+  input, so it skips the x^T dy matmuls, and no ``[N_L, ...]`` gradient is ever built.
+* :func:`gather_layers` / :func:`scatter_layers` read the view before the forward pass and write
+  the updated view into the (donated) stack in place, touching gamma layers.
+
+What each layer keeps for the backward pass:
+
+* ``remat=True``: only its input (N_L x the activation entering a layer); the backward
+  recomputes the layer once, then takes the input cotangent (every layer) and the weight
+  cotangent (active layers only). Least memory.
+* ``remat=False``: the residuals of its linearisation (what ``jax.vjp`` keeps, weights not
+  copied), as an ordinary backward pass would; no recomputation. Inactive layers still skip
+  the weight-gradient matmuls (XLA removes them as dead code of the inactive branch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from omgd_jax import layers as layers_lib
+
+LayerFn = Callable[[Any, jax.Array], jax.Array]
+
+# Set by `lean_value_and_grad` while it traces the loss: id(stack leaf) -> (view leaf, ids). It lets a
+# model that calls `scan_layers(layer_fn, stack, x)` train only the active layers without being
+# handed the view explicitly. Keyed by identity: the tracers of this one trace.
+_TRAINABLE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("omgd_lean", default=None)
+
+
+@contextlib.contextmanager
+def _train_only(stack_leaves, view_leaves, ids):
+    token = _TRAINABLE.set(
+        {id(a): (v, ids) for a, v in zip(stack_leaves, view_leaves, strict=True)}
+    )
+    try:
+        yield
+    finally:
+        _TRAINABLE.reset(token)
+
+
+def _trainable_view(stack):
+    """(view, ids) registered for ``stack`` by an enclosing `lean_value_and_grad`, else (None, None)."""
+    table = _TRAINABLE.get()
+    leaves, treedef = jax.tree.flatten(stack)
+    if not table or not leaves or any(id(a) not in table for a in leaves):
+        return None, None
+    found = [table[id(a)] for a in leaves]
+    return jax.tree.unflatten(treedef, [v for v, _ in found]), found[0][1]
+
+
+def gather_layers(stack, ids: jax.Array):
+    """The ``[gamma, ...]`` view of layers ``ids`` of every leaf of ``stack``."""
+    return jax.tree.map(lambda a: _take(a, ids), stack)
+
+
+def scatter_layers(stack, view, ids: jax.Array):
+    """``stack`` with layers ``ids`` replaced by ``view`` (in place when ``stack`` is donated)."""
+
+    def one(a, v):
+        for s in range(ids.shape[0]):
+            a = jax.lax.dynamic_update_index_in_dim(a, v[s].astype(a.dtype), ids[s], 0)
+        return a
+
+    return jax.tree.map(one, stack, view)
+
+
+def _take(a: jax.Array, ids: jax.Array) -> jax.Array:
+    return jnp.stack([jax.lax.dynamic_index_in_dim(a, ids[s], 0, False) for s in range(len(ids))])
+
+
+def _layer(stack, l):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, l, 0, False), stack)
+
+
+def _slot(ids: jax.Array, l: jax.Array) -> jax.Array:
+    """Position of layer ``l`` in ``ids``, or -1 when it is not active."""
+    hit = ids == l
+    return jnp.where(jnp.any(hit), jnp.argmax(hit), -1).astype(jnp.int32)
+
+
+def scan_layers(
+    layer_fn: LayerFn,
+    stack,
+    x: jax.Array,
+    view=None,
+    ids: jax.Array | None = None,
+    *,
+    remat: bool = True,
+) -> jax.Array:
+    r"""Applies the stacked layers in order: :math:`x_{l+1} = f(W_l, x_l)`, l = 0..N_L-1.
+
+    Without ``view`` this is ``lax.scan`` over the stack (the dense step). With ``view`` and
+    ``ids`` (int32[gamma], distinct layer indices) the result has the same value, and its
+    derivative is taken with respect to ``x`` and ``view`` only:
+
+    .. math::
+        \frac{\partial L}{\partial \mathrm{view}_s} = \frac{\partial L}{\partial W_{\mathrm{ids}_s}},
+        \qquad \frac{\partial L}{\partial \mathrm{stack}} = 0,
+
+    the backward of an inactive layer computing the input cotangent alone. The forward reads
+    the weights from ``stack`` (``view`` must hold the same values as ``stack`` at ``ids``:
+    take it from :func:`gather_layers`).
+
+    Args:
+      layer_fn: ``(layer_params, x) -> x``, one layer, ``layer_params`` shaped like one slice
+        of ``stack``.
+      stack: pytree whose leaves lead with the layer axis N_L.
+      x: the activation entering layer 0.
+      view: pytree like ``stack`` with leading axis gamma: the trainable layers.
+      ids: int32[gamma], the layer index of every slot of ``view``.
+      remat: keep only each layer's input for the backward pass and recompute the layer there
+        (least memory); ``False`` keeps each layer's linearisation residuals (no recompute).
+
+    Returns:
+      The activation leaving the last layer.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, omgd_jax
+      >>> stack = {"w": jnp.arange(1.0, 5.0)}            # 4 scalar layers: x -> w x
+      >>> f = lambda p, x: p["w"] * x
+      >>> ids = jnp.array([2])
+      >>> view = omgd_jax.gather_layers(stack, ids)
+      >>> loss = lambda v, x: omgd_jax.scan_layers(f, stack, x, v, ids)
+      >>> jax.grad(loss)(view, 1.0)["w"]                 # d(1*2*3*4)/dw_2 = 1*2*4
+      Array([8.], dtype=float32)
+    """
+    if view is None and ids is None:
+        view, ids = _trainable_view(stack)
+    if view is None:
+        if ids is not None:
+            raise ValueError("scan_layers: ids is given without view; pass both or neither")
+        body = jax.checkpoint(layer_fn) if remat else layer_fn
+        return jax.lax.scan(lambda h, p: (body(p, h), None), x, stack)[0]
+    if ids is None:
+        raise ValueError("scan_layers: view is given without ids; pass both or neither")
+    ids = jnp.asarray(ids, jnp.int32)
+    if ids.ndim != 1:
+        raise ValueError(
+            f"scan_layers: ids must be a 1-D int array of layer indices, got {ids.shape}"
+        )
+    depth = {a.shape[0] for a in jax.tree.leaves(stack)}
+    gamma = {a.shape[0] for a in jax.tree.leaves(view)}
+    if len(depth) != 1 or gamma != {ids.shape[0]}:
+        raise ValueError(
+            "scan_layers: every leaf of stack must lead with the same layer axis and every leaf "
+            f"of view with len(ids)={ids.shape[0]}; got {sorted(depth)} and {sorted(gamma)}"
+        )
+    return _lean(layer_fn, remat, stack, view, ids, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lean(layer_fn, remat, stack, view, ids, x):
+    del view, ids
+    return jax.lax.scan(lambda h, p: (layer_fn(p, h), None), x, stack)[0]
+
+
+def _lean_fwd(layer_fn, remat, stack, view, ids, x):
+    del view
+    if remat:
+
+        def body(h, p):
+            return layer_fn(p, h), h
+
+        y, inputs = jax.lax.scan(body, x, stack)
+        return y, (stack, ids, inputs)
+
+    def body_res(h, p):
+        y, vjp = jax.vjp(layer_fn, p, h)
+        return y, _residuals(vjp, p)
+
+    y, saved = jax.lax.scan(body_res, x, stack)
+    return y, (stack, ids, saved)
+
+
+def _residuals(vjp, p):
+    """The arrays of a vjp closure, the layer's weights left out (the backward re-reads them)."""
+    leaves = jax.tree.leaves(vjp)
+    weights = {id(w) for w in jax.tree.leaves(p)}
+    return [None if id(r) in weights else r for r in leaves]
+
+
+def _lean_bwd(layer_fn, remat, res, dy):
+    stack, ids, saved = res
+    n = jax.tree.leaves(stack)[0].shape[0]
+    gbuf = jax.tree.map(lambda a: jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), stack)
+
+    def body(carry, l):
+        dh, gbuf = carry
+        p = _layer(stack, l)
+        slot = _slot(ids, l)
+        if remat:
+            h = jax.lax.dynamic_index_in_dim(saved, l, 0, False)
+            full = lambda: jax.vjp(layer_fn, p, h)[1]
+            # Inactive: differentiate with respect to the input alone; no x^T dy matmuls.
+            input_only = lambda dh: jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0]
+        else:
+            vjp = _rebuild(layer_fn, p, jax.tree.map(lambda r: _row(r, l), saved), dh)
+            full = lambda: vjp
+            # The weight cotangent is dead code in this branch and XLA removes it.
+            input_only = lambda dh: vjp(dh)[1]
+
+        def active(dh, gbuf):
+            dp, dx = full()(dh)
+            gbuf = jax.tree.map(
+                lambda b, d: jax.lax.dynamic_update_index_in_dim(b, d.astype(b.dtype), slot, 0),
+                gbuf,
+                dp,
+            )
+            return dx, gbuf
+
+        def inactive(dh, gbuf):
+            return input_only(dh), gbuf
+
+        return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
+
+    (dx, gbuf), _ = jax.lax.scan(body, (dy, gbuf), jnp.arange(n), reverse=True)
+    return None, gbuf, None, dx
+
+
+def _row(r, l):
+    return None if r is None else jax.lax.dynamic_index_in_dim(r, l, 0, False)
+
+
+def _rebuild(layer_fn, p, residuals, h_like):
+    """The vjp closure of one layer from its saved residuals, the weights re-read from ``p``.
+
+    Tracing the layer again gives the closure's structure; its forward is dead code once the
+    saved residuals replace the traced ones, and XLA removes it.
+    """
+    _, vjp = jax.vjp(layer_fn, p, jnp.zeros(h_like.shape, h_like.dtype))
+    leaves, treedef = jax.tree.flatten(vjp)
+    return jax.tree.unflatten(treedef, [x if r is None else r for x, r in zip(leaves, residuals)])
+
+
+_lean.defvjp(_lean_fwd, _lean_bwd)
+
+
+# ------------------------------------------------------------------------- the step's pieces
+def active_layers(opt_state) -> jax.Array:
+    """The layer ids (int32[gamma]) the next ``update`` of a layer-wise OMGD state trains.
+
+    ``opt_state`` is the state of (a chain or wrapper holding) ``omgd`` / ``omgd_adamw`` with
+    ``granularity="layer", state="compact"``; the ids are traced data, so one compiled step
+    serves every phase.
+    """
+    found = optax.tree.get_all_with_path(opt_state, "omgd_layer_ids")
+    if len(found) != 1:
+        raise ValueError(
+            "active_layers: opt_state must hold exactly one layer-wise compact OMGD state "
+            "(omgd(..., granularity='layer', state='compact') or omgd_adamw with the same); "
+            f"found {len(found)}"
+        )
+    return found[0][1]
+
+
+def _stacked(params, layers: layers_lib.LayerSpec):
+    leaves, treedef = jax.tree.flatten(params)
+    plan = layers_lib.plan_layers(params, layers)
+    if layers_lib.UNROLLED in plan.roles:
+        raise ValueError(
+            "the lean layer-wise step needs stacked layers (a leading layer axis, as nnx.scan / "
+            "nnx.vmap make them); layers= selects unrolled layers"
+        )
+    return leaves, treedef, plan.roles
+
+
+def _depth(params, layers) -> int:
+    return layers_lib.plan_layers(params, layers).num_layers
+
+
+def layer_view(params, ids: jax.Array, *, layers: layers_lib.LayerSpec):
+    """``params`` with every stacked leaf replaced by its ``[gamma, ...]`` active layers.
+
+    The optimizer runs on it (``tx.update(grads, state, view, active_layers=ids, ...)``) and
+    `apply_layer_updates` writes it back.
+    """
+    leaves, treedef, roles = _stacked(params, layers)
+    out = [_take(x, ids) if r == layers_lib.STACKED else x for x, r in zip(leaves, roles)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def lean_value_and_grad(fun: Callable, *, layers: layers_lib.LayerSpec, has_aux: bool = False):
+    r"""``jax.value_and_grad(fun)`` that differentiates only the active layers of a stack.
+
+    ``fun(params, *args)`` computes a scalar loss and runs the stacked layers of ``params``
+    (the leaves matched by ``layers``) through :func:`scan_layers`, directly or through a
+    model that does. The returned function takes ``(params, ids, *args)`` and gives
+    ``(value, grads)``: ``grads`` holds the always-active leaves in full and, for every stacked
+    leaf, the ``[gamma, ...]`` gradient of layers ``ids`` (slot ``s`` for layer ``ids[s]``):
+    the structure of ``layer_view(params, ids, layers=layers)``. No ``[N_L, ...]`` gradient is
+    built and inactive layers get no weight-gradient work.
+
+    .. math::
+        \mathrm{grads}[\text{leaf}][s] = \frac{\partial\,\mathrm{fun}}{\partial\,
+        \text{leaf}[\mathrm{ids}_s]}
+
+    Args:
+      fun: the loss, ``fun(params, *args) -> loss`` (or ``(loss, aux)`` with ``has_aux``).
+      layers: regex on the '/'-joined key path (or callable) selecting the stacked leaves, as
+        for ``omgd(..., granularity="layer")``.
+      has_aux: as for ``jax.value_and_grad``.
+
+    Returns:
+      ``f(params, ids, *args) -> (value, grads)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, omgd_jax
+      >>> params = {"blocks": {"w": jnp.arange(1.0, 5.0)}, "out": jnp.array(1.0)}
+      >>> def loss(p, x):  # 4 scalar layers x -> w x, then a scale
+      ...     f = lambda layer, h: layer["w"] * h
+      ...     return p["out"] * omgd_jax.scan_layers(f, p["blocks"], x)
+      >>> value, grads = omgd_jax.lean_value_and_grad(loss, layers="^blocks/")(
+      ...     params, jnp.array([1, 3]), 1.0)
+      >>> print(value, grads["blocks"]["w"], grads["out"])  # d/dw_1 = 1*3*4, d/dw_3 = 1*2*3
+      24.0 [12.  6.] 24.0
+    """
+
+    def wrapped(params, ids, *args, **kwargs):
+        leaves, treedef, roles = _stacked(params, layers)
+        ids = jnp.asarray(ids, jnp.int32)
+        train = [i for i, r in enumerate(roles) if r in (layers_lib.ALWAYS, layers_lib.STACKED)]
+        stack = [i for i in train if roles[i] == layers_lib.STACKED]
+
+        def loss(trainable):
+            full = list(leaves)
+            for i, x in zip(train, trainable, strict=True):
+                if roles[i] == layers_lib.ALWAYS:
+                    full[i] = x
+            view = [trainable[train.index(i)] for i in stack]
+            with _train_only([leaves[i] for i in stack], view, ids):
+                return fun(jax.tree.unflatten(treedef, full), *args, **kwargs)
+
+        # The views are only differentiation points: scan_layers reads the weights from the
+        # stack, so these zeros are never read and XLA does not allocate them.
+        point = [
+            jnp.zeros((ids.shape[0],) + leaves[i].shape[1:], leaves[i].dtype)
+            if roles[i] == layers_lib.STACKED
+            else leaves[i]
+            for i in train
+        ]
+        value, g = jax.value_and_grad(loss, has_aux=has_aux)(point)
+        out = [jnp.zeros_like(x) for x in leaves]  # non-float leaves: nothing to train
+        for i, x in zip(train, g, strict=True):
+            out[i] = x
+        return value, jax.tree.unflatten(treedef, out)
+
+    return wrapped
+
+
+def apply_layer_updates(params, params_view, updates, ids: jax.Array, *, layers):
+    """New parameters: the always-active leaves plus their update, the active layers of every
+    stack written in place (``params`` donated: gamma layers touched, the rest bit-for-bit kept).
+    """
+    leaves, treedef, roles = _stacked(params, layers)
+    view = treedef.flatten_up_to(params_view)
+    upd = treedef.flatten_up_to(updates)
+    out = []
+    for x, v, u, r in zip(leaves, view, upd, roles, strict=True):
+        if r == layers_lib.STACKED:
+            out.append(scatter_layers(x, optax.apply_updates(v, u), ids))
+        elif r == layers_lib.ALWAYS:
+            out.append(optax.apply_updates(x, u))
+        else:
+            out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def lean_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, layers, has_aux=False):
+    r"""One lean layer-wise training step: ``step(params, opt_state, *args)``.
+
+    Reads the active layers from ``opt_state`` (:func:`active_layers`), differentiates only
+    them (:func:`lean_value_and_grad`), runs ``tx`` on the always-active leaves and the
+    ``[gamma, ...]`` views, and writes the updated layers into ``params`` in place. ``tx`` must
+    hold a layer-wise compact OMGD state (``omgd_adamw(..., granularity="layer",
+    layers=layers)``, LISA); transformations chained before it (global-norm clipping) see the
+    trained share only, as in PyTorch where frozen layers have no gradient.
+
+    Jit it once with ``donate_argnums=(0, 1)``: the active ids are traced data, so every phase
+    runs the same compiled program.
+
+    Returns:
+      ``step(params, opt_state, *args) -> (params, opt_state, value)`` where ``value`` is the
+      loss (or ``(loss, aux)`` with ``has_aux``).
+    """
+    grad_fn = lean_value_and_grad(loss_fn, layers=layers, has_aux=has_aux)
+
+    def step(params, opt_state, *args, **kwargs):
+        ids = active_layers(opt_state)
+        value, grads = grad_fn(params, ids, *args, **kwargs)
+        view = layer_view(params, ids, layers=layers)
+        updates, opt_state = tx.update(
+            grads, opt_state, view, active_layers=ids, num_layers=_depth(params, layers)
+        )
+        return apply_layer_updates(params, view, updates, ids, layers=layers), opt_state, value
+
+    return step
