@@ -295,7 +295,9 @@ def omgd_compact(
         reset = active.phase.phase_id != state.omgd_phase  # the mask changed: restart the state
         old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
         u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
-        u_view = _materialise(treedef.flatten_up_to(u_view), reset)
+        u_view = treedef.flatten_up_to(u_view)
+        if not lean:  # the lean step writes the views with dynamic-update-slices instead
+            u_view = _materialise(u_view, reset)
         if lean:
             out = [u if r == layers_lib.STACKED else None for u, r in zip(u_view, plan.roles)]
         else:

@@ -46,6 +46,15 @@ STATIC_ARGS = (
     "repartition",
     "state",
     "mask",
+    # the baselines' structural arguments (galore, golore, sift)
+    "rank",
+    "update_proj_gap",
+    "projector_side",
+    "matrices",
+    "svd_steps",
+    "sparse_rate",
+    "select_step",
+    "selected",
 )
 
 

@@ -71,6 +71,11 @@ class Config:
         "(default: compact; omgd-tensor: frozen)",
     )
     mask_seed: int | None = option(None, "seed of the mask schedule (default: --seed)")
+    lean: bool = option(
+        True,
+        "omgd-layer / lisa with compact state: differentiate, store and update only the active "
+        "blocks (omgd_jax.lean_train_step); --no-lean takes the dense gradient",
+    )
     # bookkeeping
     eval_every: int | None = option(None)
     eval_iters: int | None = option(None, "validation batches per evaluation")

@@ -23,6 +23,7 @@ import omgd_jax
 from examples.gpt2.config import Config
 
 LAYER_OPTIMIZERS = ("omgd-layer", "lisa")  # masks whole transformer blocks
+BLOCKS = r"^blocks/"  # the stacked transformer blocks' key paths
 
 
 def decay_mask(params):
@@ -65,7 +66,7 @@ def omgd_kwargs(cfg: Config) -> dict:
     """Arguments of `omgd_jax.omgd_adamw` for the chosen optimizer (besides lr and AdamW's)."""
     kw = dict(steps_per_mask=cfg.steps_per_mask, key=cfg.mask_seed, state=cfg.omgd_state)
     if cfg.optimizer in LAYER_OPTIMIZERS:
-        kw.update(granularity="layer", layers=r"^blocks/", layers_per_phase=cfg.layers_per_phase)
+        kw.update(granularity="layer", layers=BLOCKS, layers_per_phase=cfg.layers_per_phase)
         if cfg.optimizer == "lisa":
             kw.update(traversal="iid", scale=False)
     else:

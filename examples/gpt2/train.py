@@ -43,8 +43,17 @@ from jax.sharding import PartitionSpec as P
 
 from examples.gpt2.checkpoint import Checkpointer, SigtermFlag, resume_point
 from examples.gpt2.config import Config, ConfigError, build_parser, finalize
+import omgd_jax
 from examples.gpt2.model import GPT, GPTConfig, get_config, loss_fn
-from examples.gpt2.optimizers import lr_schedule, make_optimizer, stage_at, stages, tree_bytes
+from examples.gpt2.optimizers import (
+    BLOCKS,
+    LAYER_OPTIMIZERS,
+    lr_schedule,
+    make_optimizer,
+    stage_at,
+    stages,
+    tree_bytes,
+)
 
 # ----------------------------------------------------------------------------- model
 
@@ -185,14 +194,48 @@ def train_step(graphdef, tx, state: TrainState, x, y) -> tuple[TrainState, dict]
     return TrainState(params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
+def lean_train_step(graphdef, tx, state: TrainState, x, y) -> tuple[TrainState, dict]:
+    """`train_step` for layer-wise OMGD / LISA with compact state: only the active blocks are
+    differentiated (their gradient is a [gamma, ...] view), own optimizer state and are written
+    (in place into the donated parameters); the rest of the stack is read, never copied.
+    The active blocks come from the optimizer state, so every phase runs this one program.
+    Clipping sees the trained share only (as in PyTorch, where frozen blocks have no gradient).
+    """
+
+    def loss_of(params, x, y):
+        return loss_fn(nnx.merge(graphdef, params), x, y)
+
+    ids = omgd_jax.active_layers(state.opt_state)
+    grad_fn = omgd_jax.lean_value_and_grad(loss_of, layers=BLOCKS)
+    if x.shape[0] == 1:
+        loss, grads = grad_fn(state.params, ids, x[0], y[0])
+    else:
+
+        def micro(carry, xy):
+            return jax.tree.map(jnp.add, carry, grad_fn(state.params, ids, *xy)), None
+
+        zero = jax.eval_shape(grad_fn, state.params, ids, x[0], y[0])
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+        (loss, grads), _ = jax.lax.scan(micro, zero, (x, y))
+        loss, grads = jax.tree.map(lambda g: g / x.shape[0], (loss, grads))
+    view = omgd_jax.layer_view(state.params, ids, layers=BLOCKS)
+    depth = jax.tree.leaves(state.params["blocks"])[0].shape[0]
+    updates, opt_state = tx.update(
+        grads, state.opt_state, view, active_layers=ids, num_layers=depth
+    )
+    params = omgd_jax.apply_layer_updates(state.params, view, updates, ids, layers=BLOCKS)
+    return TrainState(params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
 def eval_step(graphdef, params, x, y):
     return loss_fn(nnx.merge(graphdef, params), x, y)
 
 
 def step_function(cfg: Config, stage: str) -> Callable:
-    """The step a stage trains with: `train_step` for every optimizer today; the place to pick
-    another one (e.g. one that differentiates only the active layers)."""
-    return train_step
+    """The step a stage trains with: the lean step for layer-wise compact OMGD / LISA (unless
+    --no-lean), `train_step` (the dense gradient) for everything else."""
+    layerwise = cfg.optimizer in LAYER_OPTIMIZERS and cfg.omgd_state == "compact"
+    return lean_train_step if stage == "omgd" and layerwise and cfg.lean else train_step
 
 
 class Stage(NamedTuple):

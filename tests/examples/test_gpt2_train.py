@@ -110,6 +110,30 @@ def test_thirty_steps_lower_the_loss(data_dir, tmp_path, optimizer, extra):
         assert full <= s["opt_state_bytes"] < 1.01 * full
 
 
+@pytest.mark.parametrize("optimizer", ["omgd-layer", "lisa"])
+def test_lean_step_trains_like_the_dense_step(data_dir, tmp_path, optimizer):
+    """The default (lean) step of layer-wise compact OMGD equals --no-lean step for step.
+
+    Clipping is switched off: the lean step clips by the trained share's norm (PyTorch's
+    behaviour), the dense one by the whole gradient's. Tolerance: float32 sums in another order.
+    """
+    kw = dict(optimizer=optimizer, steps=10, warmup_masks=2, steps_per_mask=2, grad_clip=1e9)
+    assert step_function_for(data_dir, tmp_path, **kw) == "lean_train_step"
+    assert step_function_for(data_dir, tmp_path, lean=False, **kw) == "train_step"
+    train(_cfg(data_dir, tmp_path / "lean", **kw))
+    train(_cfg(data_dir, tmp_path / "dense", lean=False, **kw))
+    lean_steps, lean = _losses(tmp_path / "lean")
+    dense_steps, dense = _losses(tmp_path / "dense")
+    assert lean_steps == dense_steps == list(range(1, 11))
+    np.testing.assert_allclose(lean, dense, rtol=2e-5)
+
+
+def step_function_for(data_dir, tmp_path, **kw):
+    from examples.gpt2.train import step_function
+
+    return step_function(finalize(_cfg(data_dir, tmp_path, **kw)), "omgd").__name__
+
+
 def test_resume_reproduces_an_uninterrupted_run(data_dir, tmp_path):
     """2N steps in one go == N steps, stop, --resume for N more (omgd-layer, switch at step 3)."""
     kw = dict(
