@@ -215,15 +215,23 @@ def view_shapes(plan: layers_lib.Plan, num_masks: int, leaves) -> tuple[list, li
 
 
 def omgd_compact(
-    inner: optax.GradientTransformationExtraArgs, schedule: MaskSchedule, key: jax.Array | int
+    inner: optax.GradientTransformation, schedule: MaskSchedule, key: jax.Array | int
 ) -> optax.GradientTransformationExtraArgs:
     """``omgd(inner, ..., state="compact")`` for a built schedule; see :func:`omgd_jax.omgd`.
 
-    ``inner`` must accept extra args (`optax.with_extra_args_support`); the schedule is checked
-    with `check_compact`.
+    Args:
+      inner: the optimizer to run on the view of the active share (and, for layer
+        granularity, on the always-active leaves, with a state of its own).
+      schedule: the masks; checked with `check_compact`.
+      key: PRNG key or int seed of the masks.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state `OmgdCompactState`; extra args
+      other than ``mask_index`` are forwarded to ``inner``.
     """
     check_compact(schedule)
     check_key(key)
+    inner = optax.with_extra_args_support(inner)
     layer = schedule.granularity == "layer"
 
     def init_fn(params):

@@ -161,7 +161,6 @@ def omgd(
     check_key(key)
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {inner!r}")
-    inner = optax.with_extra_args_support(inner)
     if state_kind == "compact":
         return omgd_compact(inner, schedule, key)
     return omgd_frozen(inner, schedule, key)
@@ -266,8 +265,7 @@ def omgd_adamw(
         )
 
     if state_kind == "compact":
-        inner = optax.with_extra_args_support(adam_with_decay(True, mask))
-        wrapped = omgd_compact(inner, schedule, key)
+        wrapped = omgd_compact(adam_with_decay(True, mask), schedule, key)
     else:
         # frozen runs Adam leaf by leaf: decide the decay per leaf on the full tree.
         decayed, not_decayed = adam_with_decay(True), adam_with_decay(False)
