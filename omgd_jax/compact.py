@@ -294,7 +294,10 @@ def omgd_compact(
 
         def take(xs):
             if lean:  # the stacked leaves are the views already
-                return [x if r == layers_lib.STACKED else MASKED for x, r in zip(xs, plan.roles)]
+                return [
+                    x if r == layers_lib.STACKED else MASKED
+                    for x, r in zip(xs, plan.roles, strict=True)
+                ]
             return read_view(schedule, plan, num_masks, xs, where)
 
         g_view = [v if v is MASKED else v * active.factor for v in take(leaves)]
@@ -307,7 +310,10 @@ def omgd_compact(
         if not lean:  # the lean step writes the views with dynamic-update-slices instead
             u_view = _materialise(u_view, reset)
         if lean:
-            out = [u if r == layers_lib.STACKED else None for u, r in zip(u_view, plan.roles)]
+            out = [
+                u if r == layers_lib.STACKED else None
+                for u, r in zip(u_view, plan.roles, strict=True)
+            ]
         else:
             out = write_view(schedule, plan, num_masks, u_view, leaves, where)
 

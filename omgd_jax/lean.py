@@ -39,9 +39,9 @@ from omgd_jax import layers as layers_lib
 
 LayerFn = Callable[[Any, jax.Array], jax.Array]
 
-# Set by `lean_value_and_grad` while it traces the loss: id(stack leaf) -> (view leaf, ids). It lets a
-# model that calls `scan_layers(layer_fn, stack, x)` train only the active layers without being
-# handed the view explicitly. Keyed by identity: the tracers of this one trace.
+# Set by `lean_value_and_grad` while it traces the loss: id(stack leaf) -> (view leaf, ids).
+# It lets a model that calls `scan_layers(layer_fn, stack, x)` train only the active layers
+# without being handed the view explicitly. Keyed by identity: the tracers of this one trace.
 _TRAINABLE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("omgd_lean", default=None)
 
 
@@ -57,7 +57,7 @@ def _train_only(stack_leaves, view_leaves, ids):
 
 
 def _trainable_view(stack):
-    """(view, ids) registered for ``stack`` by an enclosing `lean_value_and_grad`, else (None, None)."""
+    """(view, ids) registered for ``stack`` by an enclosing `lean_value_and_grad`, or Nones."""
     table = _TRAINABLE.get()
     leaves, treedef = jax.tree.flatten(stack)
     if not table or not leaves or any(id(a) not in table for a in leaves):
@@ -86,13 +86,13 @@ def _take(a: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take(a, ids, axis=0, mode="clip")
 
 
-def _layer(stack, l):
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, l, 0, False), stack)
+def _layer(stack, index):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, False), stack)
 
 
-def _slot(ids: jax.Array, l: jax.Array) -> jax.Array:
-    """Position of layer ``l`` in ``ids``, or -1 when it is not active."""
-    hit = ids == l
+def _slot(ids: jax.Array, index: jax.Array) -> jax.Array:
+    """Position of layer ``index`` in ``ids``, or -1 when it is not active."""
+    hit = ids == index
     return jnp.where(jnp.any(hit), jnp.argmax(hit), -1).astype(jnp.int32)
 
 
@@ -112,7 +112,8 @@ def scan_layers(
     derivative is taken with respect to ``x`` and ``view`` only:
 
     .. math::
-        \frac{\partial L}{\partial \mathrm{view}_s} = \frac{\partial L}{\partial W_{\mathrm{ids}_s}},
+        \frac{\partial L}{\partial \mathrm{view}_s}
+        = \frac{\partial L}{\partial W_{\mathrm{ids}_s}},
         \qquad \frac{\partial L}{\partial \mathrm{stack}} = 0,
 
     the backward of an inactive layer computing the input cotangent alone. The forward reads
@@ -202,17 +203,17 @@ def _lean_bwd(layer_fn, remat, res, dy):
     n = jax.tree.leaves(stack)[0].shape[0]
     gbuf = jax.tree.map(lambda a: jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), stack)
 
-    def body(carry, l):
+    def body(carry, index):
         dh, gbuf = carry
-        p = _layer(stack, l)
-        slot = _slot(ids, l)
+        p = _layer(stack, index)
+        slot = _slot(ids, index)
         if remat:
-            h = jax.lax.dynamic_index_in_dim(saved, l, 0, False)
+            h = jax.lax.dynamic_index_in_dim(saved, index, 0, False)
             full = lambda: jax.vjp(layer_fn, p, h)[1]
             # Inactive: differentiate with respect to the input alone; no x^T dy matmuls.
             input_only = lambda dh: jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0]
         else:
-            vjp = _rebuild(layer_fn, p, jax.tree.map(lambda r: _row(r, l), saved), dh)
+            vjp = _rebuild(layer_fn, p, jax.tree.map(lambda r: _row(r, index), saved), dh)
             full = lambda: vjp
             # The weight cotangent is dead code in this branch and XLA removes it.
             input_only = lambda dh: vjp(dh)[1]
@@ -235,8 +236,8 @@ def _lean_bwd(layer_fn, remat, res, dy):
     return None, gbuf, None, dx
 
 
-def _row(r, l):
-    return None if r is None else jax.lax.dynamic_index_in_dim(r, l, 0, False)
+def _row(r, index):
+    return None if r is None else jax.lax.dynamic_index_in_dim(r, index, 0, False)
 
 
 def _rebuild(layer_fn, p, residuals, h_like):
@@ -247,7 +248,9 @@ def _rebuild(layer_fn, p, residuals, h_like):
     """
     _, vjp = jax.vjp(layer_fn, p, jnp.zeros(h_like.shape, h_like.dtype))
     leaves, treedef = jax.tree.flatten(vjp)
-    return jax.tree.unflatten(treedef, [x if r is None else r for x, r in zip(leaves, residuals)])
+    return jax.tree.unflatten(
+        treedef, [x if r is None else r for x, r in zip(leaves, residuals, strict=True)]
+    )
 
 
 _lean.defvjp(_lean_fwd, _lean_bwd)
@@ -293,7 +296,9 @@ def layer_view(params, ids: jax.Array, *, layers: layers_lib.LayerSpec):
     `apply_layer_updates` writes it back.
     """
     leaves, treedef, roles = _stacked(params, layers)
-    out = [_take(x, ids) if r == layers_lib.STACKED else x for x, r in zip(leaves, roles)]
+    out = [
+        _take(x, ids) if r == layers_lib.STACKED else x for x, r in zip(leaves, roles, strict=True)
+    ]
     return jax.tree.unflatten(treedef, out)
 
 
