@@ -7,7 +7,7 @@
   step that differentiates, stores and updates only the active layers.
 * `lisa`, `lisa_wor`, `iid_tensor_mask`, `iid_element_mask`: the layer-wise and i.i.d. baselines.
 * `galore`, `golore`: Adam in a rank-r gradient subspace (SVD / uniformly random projectors).
-* `sift`: AdamW on a fixed top-|g| subset of every weight, state for the subset only.
+* `sift`: AdamW on a fixed top-:math:`|g|` subset of every weight, state for the subset only.
 * `skip_update`, `magma` (+ `_adamw` aliases): randomly masked updates (arXiv 2602.15322).
 * `mofasgd`, `scale_by_mofasgd`: low-rank factored momentum (arXiv 2507.08091).
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.

@@ -44,7 +44,7 @@ class OmgdCompactState(NamedTuple):
     omgd_active_state: Any  # inner state over the fixed-size view of the active share.
     omgd_dense_state: Any  # layer granularity: inner state of the always-active leaves.
     omgd_layer_ids: jax.Array  # layer granularity: int32[gamma], the layers the next update
-    # trains (`omgd_jax.active_layers` reads it to build a lean step); int32[0] otherwise.
+    # trains (`omgd_jax.active_layers` reads it to build a lean step); EmptyState otherwise.
 
 
 def window_shape(shape: tuple[int, ...], num_masks: int) -> tuple[int, ...]:
@@ -253,9 +253,9 @@ def omgd_compact(
         return OmgdCompactState(*mask_fields, jnp.int32(-1), active, dense_state, ids)
 
     def next_layer_ids(plan, key, step):
-        """The layers the update at ``step`` trains (int32[gamma]; int32[0] unless layers)."""
+        """The layers the update at ``step`` trains: int32[gamma] (layer granularity)."""
         if not layer:
-            return jnp.zeros((0,), jnp.int32)
+            return optax.EmptyState()
         return schedule.active(plan, key, step).layer_ids.astype(jnp.int32)
 
     def update_fn(

@@ -398,9 +398,10 @@ def golore(
     adds the key.
 
     Args:
-      learning_rate, rank, update_proj_gap, scale, projector_side, matrices, b1, b2, eps,
-        weight_decay, mask: as in :func:`galore` (``projector_side="paper"`` by default: the
-        random projector then keeps :math:`r/\min(m,n)` of the gradient in expectation).
+      learning_rate, rank, update_proj_gap, scale, projector_side: as in :func:`galore`
+        (``projector_side="paper"`` by default: the random projector then keeps
+        :math:`r/\min(m,n)` of the gradient in expectation).
+      matrices, b1, b2, eps, weight_decay, mask: as in :func:`galore`.
       svd_steps: refreshes before this step use the SVD (GaLore), later ones are random.
       key: PRNG key or int seed of the projectors.
 

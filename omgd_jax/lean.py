@@ -265,6 +265,7 @@ def active_layers(opt_state) -> jax.Array:
     serves every phase.
     """
     found = optax.tree.get_all_with_path(opt_state, "omgd_layer_ids")
+    found = [f for f in found if isinstance(f[1], jax.Array | jax.ShapeDtypeStruct)]
     if len(found) != 1:
         raise ValueError(
             "active_layers: opt_state must hold exactly one layer-wise compact OMGD state "

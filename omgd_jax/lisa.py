@@ -144,8 +144,8 @@ def lisa_wor(
     This is exactly ``omgd_adamw(..., granularity="layer", traversal="wor", scale=scale)``.
 
     Args:
-      learning_rate, layers, layers_per_phase, steps_per_mask, key, b1, b2, eps, eps_root,
-        mu_dtype, weight_decay, mask, nesterov, state: as in :func:`lisa`.
+      learning_rate, layers, layers_per_phase, steps_per_mask, key: as in :func:`lisa`.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov, state: as in :func:`lisa`.
       scale: multiply the active layers' gradients by :math:`N_L/\gamma` (default, the paper).
       repartition: a fresh partition every cycle (the paper) or one drawn once (released code).
 

@@ -184,7 +184,7 @@ def sift(
     weight_decay: float = 0.0,
     mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""SIFT: AdamW on the top-|g| entries of every weight, a subset fixed once.
+    r"""SIFT: AdamW on the top-:math:`|g|` entries of every weight, a subset fixed once.
 
     Sparse Increment Fine-Tuning (Song et al. 2023). At step :math:`t_0` = ``select_step``
     the subset :math:`S` of every selected weight (every row of a stacked weight, see

@@ -47,7 +47,12 @@ import optax
 
 import omgd_jax
 
-REQUIRED = {"inner": optax.sgd(0.1), "learning_rate": 0.1}  # values of required arguments
+REQUIRED = {  # values of required arguments
+    "inner": optax.adam(0.1),  # with a first moment, which magma reads
+    "learning_rate": 0.1,
+    "layers": "^w",  # "w" (4, 8) read as 4 stacked layers
+    "layers_per_phase": 2,
+}
 COMMON = {"num_masks": 2, "steps_per_mask": 1}  # passed to the factories that take them
 
 
