@@ -52,6 +52,7 @@ REQUIRED = {  # values of required arguments
     "learning_rate": 0.1,
     "layers": "^w",  # "w" (4, 8) read as 4 stacked layers
     "layers_per_phase": 2,
+    "rank": 2,
 }
 COMMON = {"num_masks": 2, "steps_per_mask": 1}  # passed to the factories that take them
 
@@ -76,8 +77,13 @@ def arguments(name, factory):
     return kwargs
 
 
-def run(tx):
+MATRICES_ONLY = {"scale_by_mofasgd"}  # building blocks for 2-D leaves (aliases route the rest)
+
+
+def run(tx, matrices_only=False):
     params = {"w": 1.0 + jnp.arange(32.0).reshape(4, 8) / 32, "b": jnp.ones(8)}
+    if matrices_only:
+        params = {"w": params["w"]}
     grads = jax.tree.map(jnp.ones_like, params)
     traces = []
 
@@ -111,7 +117,7 @@ report = {
 for name in omgd_jax.__all__:
     obj = getattr(omgd_jax, name, None)
     if is_factory(obj):
-        report["factories"][name] = run(obj(**arguments(name, obj)))
+        report["factories"][name] = run(obj(**arguments(name, obj)), name in MATRICES_ONLY)
 # A typed key (a traced int seed is refused: the seed becomes a key outside jit).
 traversal = jax.jit(omgd_jax.joint_traversal, static_argnums=(1, 2))
 masks, batches = traversal(jax.random.key(0), 2, 3, jnp.int32(1))
