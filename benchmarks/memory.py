@@ -14,8 +14,9 @@ Every row is `jax.jit(step, donate_argnums=(0, 1)).lower(<ShapeDtypeStruct input
 
 Same activation policy on every row: per-layer remat (each block keeps its input) and
 cross-entropy over chunks of tokens (no full-vocabulary logits). LLaMA-7B is 16-bit
-(weights, gradients, moments) as the paper counts; on the CPU backend bf16 matmuls are widened to f32 and the widening of the whole
-weight stack is hoisted out of the layer loop, so the 16-bit rows use float16 with
+(weights, gradients, moments) as the paper counts; on the CPU backend bf16 matmuls are
+widened to f32 and the widening of the whole weight stack is hoisted out of the layer loop,
+so the 16-bit rows use float16 with
 `--xla_disable_hlo_passes=change-op-data-type` (same bytes as bf16).
 """
 
