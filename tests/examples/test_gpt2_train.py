@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -391,3 +392,33 @@ from examples.gpt2.train import train
 train(Config(**json.loads(sys.argv[1])))
 print(f"process_count={jax.process_count()} device_count={jax.device_count()}", flush=True)
 """
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
+    """SIGTERM mid-run: the step in progress finishes, is saved, the process exits cleanly; a
+    --resume run then continues from that step (examples/gpt2/checkpoint.py)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = ["--preset", "nano", "--data", str(data_dir), "--out-dir", str(out), "--log-every",
+            "1", "--eval-iters", "1", "--no-progress", "--no-tensorboard"]  # fmt: skip
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    cmd = [sys.executable, "-m", "examples.gpt2.train", *argv]
+    proc = subprocess.Popen([*cmd, "--steps", "100000"], cwd=root, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    saved = int(re.search(r"received signal 15: saved step (\d+)", stderr)[1])
+    assert saved >= 2 and f"stopped: step {saved}" in stdout
+    assert (out / "checkpoints" / str(saved)).is_dir()
+    subprocess.run([*cmd, "--steps", str(saved + 2), "--resume"], cwd=root, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    steps, _ = _losses(out)
+    assert steps == list(range(1, saved + 3))
