@@ -304,18 +304,16 @@ train(cfg)
 """
 
 
+def _scale_out_run(steps):
+    """omgd-layer on 8 sequences a step, switching from AdamW at step 2, one evaluation."""
+    return dict(optimizer="omgd-layer", steps=steps, batch_size=8, warmup_masks=2,
+                steps_per_mask=2, eval_every=steps, checkpoint_every=steps)  # fmt: skip
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
 def test_eight_cpu_devices_match_one(data_dir, tmp_path, fsdp):
     """The mesh path: 8 forced host devices (batch split, FSDP params/state) == 1 device."""
-    kw = dict(
-        optimizer="omgd-layer",
-        steps=6,
-        batch_size=8,
-        warmup_masks=2,
-        steps_per_mask=2,
-        eval_every=6,
-        checkpoint_every=6,
-    )
+    kw = _scale_out_run(6)
     train(_cfg(data_dir, tmp_path / "one", **kw))
     many = dataclasses.asdict(_cfg(data_dir, tmp_path / "many", fsdp=fsdp, **kw))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -337,15 +335,7 @@ def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
     each feeding its share of the batch (`make_array_from_process_local_data`)."""
     import socket
 
-    kw = dict(
-        optimizer="omgd-layer",
-        steps=4,
-        batch_size=8,
-        warmup_masks=2,
-        steps_per_mask=2,
-        eval_every=4,
-        checkpoint_every=4,
-    )
+    kw = _scale_out_run(4)
     train(_cfg(data_dir, tmp_path / "one", **kw))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
