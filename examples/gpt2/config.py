@@ -20,11 +20,13 @@ Optimizer = Literal["adamw", "omgd-layer", "lisa", "omgd-element", "omgd-tensor"
 OPTIMIZERS = typing.get_args(Optimizer)
 
 
-def option(default, help: str | None = None, *, choices=None, flag: str | None = None):
-    """A Config field and its command-line flag: `--<name>` unless `flag` says otherwise;
-    choices from a `Literal` annotation or `choices`."""
-    meta = {"help": help, "choices": choices, "flag": flag}
-    return dataclasses.field(default=default, metadata=meta)
+LAYER_OPTIMIZERS = ("omgd-layer", "lisa")  # mask whole transformer blocks
+
+
+def option(default, help: str | None = None, *, choices=None):
+    """A Config field and its command-line flag `--<name>`; choices from a `Literal` annotation
+    or `choices`."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
@@ -175,7 +177,7 @@ def finalize(cfg: Config) -> Config:
         raise ConfigError(
             f"--block-size {cfg.block_size} exceeds the {cfg.preset} context {model.block_size}"
         )
-    if cfg.optimizer in ("omgd-layer", "lisa"):
+    if cfg.optimizer in LAYER_OPTIMIZERS:
         # The library takes gamma (layers_per_phase); M = n_layer / gamma follows from it.
         g = cfg.layers_per_phase
         if cfg.num_masks is None:
@@ -193,8 +195,7 @@ def finalize(cfg: Config) -> Config:
 
 def flag_of(name: str) -> str:
     """The command-line flag of a Config field."""
-    field = {f.name: f for f in dataclasses.fields(Config)}[name]
-    return field.metadata.get("flag") or "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
 
 
 def _type_and_choices(annotation):

@@ -20,9 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import omgd_jax
-from examples.gpt2.config import Config
-
-LAYER_OPTIMIZERS = ("omgd-layer", "lisa")  # masks whole transformer blocks
+from examples.gpt2.config import LAYER_OPTIMIZERS, Config
 
 
 def decay_mask(params):
