@@ -158,14 +158,15 @@ def finalize(cfg: Config) -> Config:
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {list(OPTIMIZERS)}")
     model = PRESETS[cfg.preset]
-    defaults = dict(
-        PRESET_DEFAULTS[cfg.preset],
+    derived = dict(  # unless the preset says otherwise
         block_size=model.block_size,
-        lr_decay_steps=cfg.steps or PRESET_DEFAULTS[cfg.preset]["steps"],
         mask_seed=cfg.seed,
         omgd_state="frozen" if cfg.optimizer == "omgd-tensor" else "compact",
     )
+    defaults = {**derived, **PRESET_DEFAULTS[cfg.preset]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.lr_decay_steps is None:
+        cfg.lr_decay_steps = cfg.steps
     positive = ("steps", "batch_size", "grad_accum", "block_size", "eval_every", "eval_iters",
                 "log_every", "checkpoint_every", "keep")  # fmt: skip
     for name in positive:

@@ -393,10 +393,11 @@ def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dic
             loss_sum = loss_sum + metrics["loss"]  # stays on device until logged
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:
+                loss = float(loss_sum) / n_last  # waits for the step: only then read the clock
                 seconds = max(time.perf_counter() - t_last, 1e-9)
                 rec = {
                     "step": step,
-                    "loss": float(loss_sum) / n_last,  # mean over the logging interval
+                    "loss": loss,  # mean over the logging interval
                     "lr": float(lr_at(step - 1)),
                     "grad_norm": float(metrics["grad_norm"]),
                     "tokens_per_s": n_last * tokens_per_step / seconds,

@@ -19,7 +19,7 @@ import pytest
 
 import omgd_jax
 from examples.gpt2 import optimizers
-from examples.gpt2.config import Config, build_parser, finalize
+from examples.gpt2.config import PRESET_DEFAULTS, Config, build_parser, finalize
 from examples.gpt2.model import PRESETS, get_config
 from examples.gpt2.optimizers import tree_bytes
 from examples.gpt2.train import abstract_model, main, train
@@ -196,6 +196,20 @@ def test_tensor_has_no_compact_state_in_the_library_s_words(capsys):
     assert e.value.code == 2
     sentence = _library_refusal(granularity="tensor", num_masks=2, state="compact")
     assert sentence in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_DEFAULTS))
+def test_presets_fill_the_unset_fields_and_set_ones_win(preset):
+    cfg = finalize(Config(preset=preset))
+    assert {k: getattr(cfg, k) for k in PRESET_DEFAULTS[preset]} == PRESET_DEFAULTS[preset]
+    context = PRESET_DEFAULTS[preset].get("block_size", PRESETS[preset].block_size)
+    assert (cfg.block_size, cfg.lr_decay_steps, cfg.mask_seed) == (context, cfg.steps, cfg.seed)
+    assert (cfg.omgd_state, cfg.num_masks) == ("compact", 4)  # adamw: unused, but recorded
+    cfg = finalize(Config(preset=preset, steps=7, block_size=16, seed=3, lr=1e-5))
+    assert (cfg.steps, cfg.block_size, cfg.lr_decay_steps, cfg.mask_seed, cfg.lr) == (
+        7, 16, 7, 3, 1e-5
+    )  # fmt: skip
+    assert finalize(cfg) == cfg
 
 
 def test_flags_are_the_config_fields_with_its_defaults():
