@@ -17,8 +17,20 @@ import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 RUNS = (("adamw", {}), ("omgd-layer", {}))
+
+
+class Row(NamedTuple):
+    """One run of the demo, as printed."""
+
+    optimizer: str
+    val_loss: float
+    opt_state_mib: float  # optimizer state, from the state pytree
+    blocks_mib: float  # of it, the transformer blocks' share
+    tokens_per_s: float
+    seconds: float
 
 
 def prepare_data(data_dir: Path):
@@ -51,35 +63,26 @@ def main(argv=None):
     from examples.gpt2.plot import plot_runs
     from examples.gpt2.train import train
 
+    short = {}
+    if a.steps is not None:  # keep a few evaluations and the OMGD warm-up inside short runs
+        short = dict(
+            eval_every=max(1, a.steps // 4),
+            checkpoint_every=a.steps,
+            warmup_masks=min(50, a.steps // 4),
+        )
     rows, dirs = [], []
     for name, extra in RUNS:
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a demo always starts afresh
-        cfg = Config(
-            preset=a.preset,
-            optimizer=name,
-            data=str(data_dir),
-            out_dir=str(run_dir),
-            steps=a.steps,
-            progress=a.progress,
-            **extra,
-        )
-        if a.steps is not None:  # keep a few evaluations and the OMGD warm-up inside short runs
-            cfg.eval_every = max(1, a.steps // 4)
-            cfg.checkpoint_every = a.steps
-            cfg.warmup_masks = min(50, a.steps // 4)
+        cfg = Config(preset=a.preset, optimizer=name, data=str(data_dir), out_dir=str(run_dir),
+                     steps=a.steps, progress=a.progress, **short, **extra)  # fmt: skip
         t = time.perf_counter()
         s = train(cfg)
+        mib = 2**20
         rows.append(
-            (
-                name,
-                s["val_loss"],
-                s["opt_state_bytes"] / 2**20,
-                s["opt_state_blocks_bytes"] / 2**20,
-                s["tokens_per_s"],
-                time.perf_counter() - t,
-            )
-        )
+            Row(name, s["val_loss"], s["opt_state_bytes"] / mib,
+                s["opt_state_blocks_bytes"] / mib, s["tokens_per_s"], time.perf_counter() - t)
+        )  # fmt: skip
         dirs.append(run_dir)
     png = plot_runs(dirs, out / "loss.png", title=f"{a.preset} GPT-2 on SOTU: AdamW vs OMGD-layer")
 

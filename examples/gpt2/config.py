@@ -20,11 +20,13 @@ Optimizer = Literal["adamw", "omgd-layer", "lisa", "omgd-element", "omgd-tensor"
 OPTIMIZERS = typing.get_args(Optimizer)
 
 
-def option(default, help: str | None = None, *, choices=None, flag: str | None = None):
-    """A Config field and its command-line flag: `--<name>` unless `flag` says otherwise;
-    choices from a `Literal` annotation or `choices`."""
-    meta = {"help": help, "choices": choices, "flag": flag}
-    return dataclasses.field(default=default, metadata=meta)
+LAYER_OPTIMIZERS = ("omgd-layer", "lisa")  # mask whole transformer blocks
+
+
+def option(default, help: str | None = None, *, choices=None):
+    """A Config field and its command-line flag `--<name>`; choices from a `Literal` annotation
+    or `choices`."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
@@ -161,14 +163,15 @@ def finalize(cfg: Config) -> Config:
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {list(OPTIMIZERS)}")
     model = PRESETS[cfg.preset]
-    defaults = dict(
-        PRESET_DEFAULTS[cfg.preset],
+    derived = dict(  # unless the preset says otherwise
         block_size=model.block_size,
-        lr_decay_steps=cfg.steps or PRESET_DEFAULTS[cfg.preset]["steps"],
         mask_seed=cfg.seed,
         omgd_state="frozen" if cfg.optimizer == "omgd-tensor" else "compact",
     )
+    defaults = {**derived, **PRESET_DEFAULTS[cfg.preset]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.lr_decay_steps is None:
+        cfg.lr_decay_steps = cfg.steps
     positive = ("steps", "batch_size", "grad_accum", "block_size", "eval_every", "eval_iters",
                 "log_every", "checkpoint_every", "keep")  # fmt: skip
     for name in positive:
@@ -180,7 +183,7 @@ def finalize(cfg: Config) -> Config:
         raise ConfigError(
             f"--block-size {cfg.block_size} exceeds the {cfg.preset} context {model.block_size}"
         )
-    if cfg.optimizer in ("omgd-layer", "lisa"):
+    if cfg.optimizer in LAYER_OPTIMIZERS:
         # The library takes gamma (layers_per_phase); M = n_layer / gamma follows from it.
         g = cfg.layers_per_phase
         if cfg.num_masks is None:
@@ -198,8 +201,7 @@ def finalize(cfg: Config) -> Config:
 
 def flag_of(name: str) -> str:
     """The command-line flag of a Config field."""
-    field = {f.name: f for f in dataclasses.fields(Config)}[name]
-    return field.metadata.get("flag") or "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
 
 
 def _type_and_choices(annotation):

@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import optax
 
 import omgd_jax
-from examples.gpt2.config import Config
+from examples.gpt2.config import LAYER_OPTIMIZERS, Config
 
-LAYER_OPTIMIZERS = ("omgd-layer", "lisa")  # masks whole transformer blocks
 BLOCKS = r"^blocks/"  # the stacked transformer blocks' key paths
 
 

@@ -275,8 +275,8 @@ class Logger:
     """metrics.jsonl, TensorBoard and the progress bar (main host only); keeps what `train`
     returns (losses, last val loss, tokens/s). On resume drops records past the start step."""
 
-    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool, enabled: bool,
-                 progress: bool, cfg: Config):  # fmt: skip
+    def __init__(self, cfg: Config, start_step: int, enabled: bool):
+        out_dir = Path(cfg.out_dir)
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self.tb = self.bar = None
@@ -290,12 +290,12 @@ class Logger:
                 if ln.strip() and json.loads(ln)["step"] <= start_step
             ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
-        if tensorboard:
+        if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
             purge = start_step + 1 if start_step else None
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
-        if progress:
+        if cfg.progress:
             from tqdm.auto import tqdm
 
             desc = f"{cfg.preset}/{cfg.optimizer}"
@@ -420,7 +420,7 @@ def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dic
     if main_host:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / "config.json").write_text(cfg.to_json())
-    logger = Logger(Path(cfg.out_dir), step, cfg.tensorboard, main_host, cfg.progress, cfg)
+    logger = Logger(cfg, step, enabled=main_host)
     lr_at = jax.jit(lr_schedule(cfg))  # one compile instead of a dozen eager ops
     tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.block_size
     t_last, n_last, loss_sum = time.perf_counter(), 0, 0.0
@@ -436,10 +436,11 @@ def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dic
             loss_sum = loss_sum + metrics["loss"]  # stays on device until logged
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:
+                loss = float(loss_sum) / n_last  # waits for the step: only then read the clock
                 seconds = max(time.perf_counter() - t_last, 1e-9)
                 rec = {
                     "step": step,
-                    "loss": float(loss_sum) / n_last,  # mean over the logging interval
+                    "loss": loss,  # mean over the logging interval
                     "lr": float(lr_at(step - 1)),
                     "grad_norm": float(metrics["grad_norm"]),
                     "tokens_per_s": n_last * tokens_per_step / seconds,
