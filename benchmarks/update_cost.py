@@ -26,8 +26,16 @@ import optax
 import omgd_jax
 from examples.gpt2.config import Config, finalize
 from examples.gpt2.model import get_config
-from examples.gpt2.optimizers import adamw_kwargs, base_optimizer, lr_schedule, tree_bytes
+from examples.gpt2.optimizers import (
+    BLOCKS,
+    adamw_kwargs,
+    base_optimizer,
+    lr_schedule,
+    tree_bytes,
+)
 from examples.gpt2.train import abstract_model
+
+LEAN = "omgd(adamw,layer,3/12) lean"
 
 
 def gpt2_shapes(n_layer: int = 12) -> dict:
@@ -52,25 +60,49 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
             cfg(optimizer="omgd-element", num_masks=m), "omgd"
         )
     out["omgd(adamw,layer,3/12)"] = base_optimizer(cfg(optimizer="omgd-layer"), "omgd")
+    # The same optimizer under the lean step: [gamma, ...] gradients in, gamma layers written.
+    out[LEAN] = out["omgd(adamw,layer,3/12)"]
     out["omgd(adamw,layer,3/12,frozen)"] = base_optimizer(
         cfg(optimizer="omgd-layer", omgd_state="frozen"), "omgd"
     )
     return out
 
 
-def compile_step(tx, shapes) -> dict:
-    """Compiles one donated `update + apply_updates` step on abstract inputs."""
+def compile_step(tx, shapes, lean: bool = False) -> dict:
+    """Compiles one donated `update + apply_updates` step on abstract inputs.
+
+    ``lean``: the update of `omgd_jax.lean_train_step` (gradients for the active layers only,
+    updated layers written into the donated stack in place).
+    """
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
+    def lean_step(params, state, grads):
+        ids = omgd_jax.active_layers(state)
+        view = omgd_jax.layer_view(params, ids, layers=BLOCKS)
+        depth = jax.tree.leaves(params["blocks"])[0].shape[0]
+        updates, state = tx.update(grads, state, view, active_layers=ids, num_layers=depth)
+        return omgd_jax.apply_layer_updates(params, view, updates, ids, layers=BLOCKS), state
+
     state_shapes = jax.eval_shape(tx.init, shapes)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state_shapes, shapes).compile()
+    grad_shapes = shapes
+    if lean:
+        ids = jax.eval_shape(omgd_jax.active_layers, state_shapes)
+        grad_shapes = jax.eval_shape(
+            lambda p, i: omgd_jax.layer_view(p, i, layers=BLOCKS), shapes, ids
+        )
+    compiled = (
+        jax.jit(lean_step if lean else step, donate_argnums=(0, 1))
+        .lower(shapes, state_shapes, grad_shapes)
+        .compile()
+    )
     mem = compiled.memory_analysis()
     return {
         "compiled": compiled,
         "init": jax.jit(tx.init),
+        "grad_shapes": grad_shapes,
         "state_bytes": tree_bytes(state_shapes),
         "xla_argument_bytes": mem.argument_size_in_bytes,
         "xla_output_bytes": mem.output_size_in_bytes,
@@ -85,7 +117,12 @@ def time_interleaved(steps: dict, shapes, repeats: int) -> dict[str, float]:
     Interleaving spreads any slow-down of the machine over all rows alike.
     """
     key = jax.random.key(0)
-    grads = jax.tree.map(lambda s: 1e-3 * jax.random.normal(key, s.shape, s.dtype), shapes)
+    grads = {
+        name: jax.tree.map(
+            lambda s: 1e-3 * jax.random.normal(key, s.shape, s.dtype), step["grad_shapes"]
+        )
+        for name, step in steps.items()
+    }
     live = {}
     for name, step in steps.items():
         params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
@@ -94,7 +131,7 @@ def time_interleaved(steps: dict, shapes, repeats: int) -> dict[str, float]:
     for i in range(repeats + 2):
         for name, step in steps.items():
             start = time.perf_counter()
-            live[name] = step["compiled"](*live[name], grads)
+            live[name] = step["compiled"](*live[name], grads[name])
             jax.block_until_ready(live[name])
             if i >= 2:  # the first calls pay for allocation
                 times[name].append(time.perf_counter() - start)
@@ -118,11 +155,12 @@ def main(argv=None):
     steps = {}
     for name, tx in optimizers().items():
         if name == "adamw" or re.search(args.only, name):
-            steps[name] = compile_step(tx, shapes)
+            steps[name] = compile_step(tx, shapes, lean=name == LEAN)
     medians = time_interleaved(steps, shapes, args.repeats)
     rows = {}
     for name, step in steps.items():
-        rows[name] = {k: v for k, v in step.items() if k not in ("compiled", "init")}
+        skip = ("compiled", "init", "grad_shapes")
+        rows[name] = {k: v for k, v in step.items() if k not in skip}
         rows[name]["update_s"] = medians[name]
     base = rows["adamw"]
     header = (

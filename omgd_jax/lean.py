@@ -83,7 +83,7 @@ def scatter_layers(stack, view, ids: jax.Array):
 
 
 def _take(a: jax.Array, ids: jax.Array) -> jax.Array:
-    return jnp.take(a, ids, axis=0, mode="clip")
+    return jnp.stack([jax.lax.dynamic_index_in_dim(a, ids[s], 0, False) for s in range(len(ids))])
 
 
 def _layer(stack, index):
