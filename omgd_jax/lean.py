@@ -15,9 +15,11 @@ active layers are traced data (one compilation for every phase):
 
 What each layer keeps for the backward pass:
 
-* ``remat=True``: only its input (N_L x the activation entering a layer); the backward
-  recomputes the layer once, then takes the input cotangent (every layer) and the weight
-  cotangent (active layers only). Least memory.
+* ``remat=True``: only its input (N_L x the activation entering a layer). The backward runs
+  two passes: every layer is recomputed and gives its input cotangent (no weight-gradient
+  matmuls), keeping the output cotangent of the active ones; then the gamma active layers are
+  recomputed once more and give their weight cotangents, written once into the ``[gamma, ...]``
+  gradient. No weight-sized buffer is carried through the layer loop. Least memory.
 * ``remat=False``: the residuals of its linearisation (what ``jax.vjp`` keeps, weights not
   copied), as an ordinary backward pass would; no recomputation. Inactive layers still skip
   the weight-gradient matmuls (XLA removes them as dead code of the inactive branch).
@@ -200,26 +202,19 @@ def _residuals(vjp, p):
 
 def _lean_bwd(layer_fn, remat, res, dy):
     stack, ids, saved = res
+    if remat:
+        return _lean_bwd_recompute(layer_fn, stack, ids, saved, dy)
     n = jax.tree.leaves(stack)[0].shape[0]
     gbuf = jax.tree.map(lambda a: jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), stack)
 
     def body(carry, index):
         dh, gbuf = carry
-        p = _layer(stack, index)
         slot = _slot(ids, index)
-        if remat:
-            h = jax.lax.dynamic_index_in_dim(saved, index, 0, False)
-            full = lambda: jax.vjp(layer_fn, p, h)[1]
-            # Inactive: differentiate with respect to the input alone; no x^T dy matmuls.
-            input_only = lambda dh: jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0]
-        else:
-            vjp = _rebuild(layer_fn, p, jax.tree.map(lambda r: _row(r, index), saved), dh)
-            full = lambda: vjp
-            # The weight cotangent is dead code in this branch and XLA removes it.
-            input_only = lambda dh: vjp(dh)[1]
+        rows = jax.tree.map(lambda r: _row(r, index), saved)
+        vjp = _rebuild(layer_fn, _layer(stack, index), rows, dh)
 
         def active(dh, gbuf):
-            dp, dx = full()(dh)
+            dp, dx = vjp(dh)
             gbuf = jax.tree.map(
                 lambda b, d: jax.lax.dynamic_update_index_in_dim(b, d.astype(b.dtype), slot, 0),
                 gbuf,
@@ -227,13 +222,42 @@ def _lean_bwd(layer_fn, remat, res, dy):
             )
             return dx, gbuf
 
-        def inactive(dh, gbuf):
-            return input_only(dh), gbuf
+        def inactive(dh, gbuf):  # the weight cotangent is dead code here and XLA removes it
+            return vjp(dh)[1], gbuf
 
         return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
 
     (dx, gbuf), _ = jax.lax.scan(body, (dy, gbuf), jnp.arange(n), reverse=True)
     return None, gbuf, None, dx
+
+
+def _lean_bwd_recompute(layer_fn, stack, ids, inputs, dy):
+    """Backward from the layer inputs alone, in two passes that carry no weight-sized buffer.
+
+    Pass 1 walks the stack backwards taking every layer's input cotangent (no x^T dy matmuls)
+    and keeps the output cotangent of the active layers (slot gamma is a bin for the others).
+    Pass 2 takes the weight cotangents of the gamma active layers from those, as the stacked
+    outputs of a scan: each written once, no zero-filled buffer, no copy through a branch.
+    """
+    n, gamma = jax.tree.leaves(stack)[0].shape[0], ids.shape[0]
+    bins = jnp.zeros((gamma + 1,) + dy.shape, dy.dtype)
+
+    def input_pass(carry, index):
+        dh, bins = carry
+        slot = _slot(ids, index)
+        bins = jax.lax.dynamic_update_index_in_dim(bins, dh, jnp.where(slot >= 0, slot, gamma), 0)
+        p, h = _layer(stack, index), jax.lax.dynamic_index_in_dim(inputs, index, 0, False)
+        return (jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0], bins), None
+
+    (dx, bins), _ = jax.lax.scan(input_pass, (dy, bins), jnp.arange(n), reverse=True)
+
+    def weight_pass(_, s):
+        p, h = _layer(stack, ids[s]), jax.lax.dynamic_index_in_dim(inputs, ids[s], 0, False)
+        dp = jax.vjp(lambda p: layer_fn(p, h), p)[1](bins[s])[0]
+        return None, jax.tree.map(lambda d, a: d.astype(a.dtype), dp, p)
+
+    _, grads = jax.lax.scan(weight_pass, None, jnp.arange(gamma))
+    return None, grads, None, dx
 
 
 def _row(r, index):

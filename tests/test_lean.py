@@ -65,27 +65,30 @@ def test_gradient_tree_has_no_full_stack_leaf():
 
 
 def test_inactive_layers_get_no_weight_gradient_matmuls():
-    """Count the dots of the backward pass: the inactive branch holds the input cotangent only."""
+    """remat: one pass over all N_L layers with the input cotangent only, one over the gamma."""
     params = make_params()
     f = omgd_jax.lean_value_and_grad(loss_of, layers=LAYERS)
     jaxpr = jax.make_jaxpr(f)(params, jnp.array([0, 5]), jnp.ones((3, D))).jaxpr
 
-    def conds(jaxpr):
+    def scans(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "cond":
+            if eqn.primitive.name == "scan":
                 yield eqn
             for sub in jaxprs_in_params(eqn.params):
-                yield from conds(sub)
+                yield from scans(sub)
 
     def dots(jaxpr):
         n = sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
         return n + sum(dots(s) for e in jaxpr.eqns for s in jaxprs_in_params(e.params))
 
-    (cond,) = list(conds(jaxpr))
-    inactive, active = (dots(b.jaxpr) for b in cond.params["branches"])
-    # remat: both branches recompute the layer (2 dots) and take the input cotangent (2 dots);
-    # only the active one adds the two weight cotangents x^T dy.
-    assert active - inactive == 2
+    by_length = {}
+    for eqn in scans(jaxpr):
+        by_length.setdefault(eqn.params["length"], []).append(dots(eqn.params["jaxpr"].jaxpr))
+    # forward (N_L layers: 2 dots each); backward input pass (N_L: recompute 2 + input
+    # cotangent 2, no weight cotangent); weight pass (gamma layers only: recompute 2, the
+    # cotangent through w2 1, and the two weight cotangents x^T dy).
+    assert sorted(by_length[N_LAYERS]) == [2, 4]
+    assert by_length[2] == [5]
 
 
 def dense_step(tx):
