@@ -73,10 +73,17 @@ def models():
 
 def methods(gamma, dtype):
     adam = dict(b1=0.9, b2=0.95, weight_decay=0.1, mu_dtype=dtype)
+    adam_kw = dict(b1=0.9, b2=0.95, weight_decay=0.1)
     layer = dict(granularity="layer", layers=LAYERS, layers_per_phase=gamma, steps_per_mask=100)
     return {
         "adamw": ("dense", optax.adamw(1e-4, **adam)),
-        "galore r128": ("dense", optax.contrib.galore(1e-4, rank=128)),
+        # optax.contrib.galore through omgd_jax.galore, which also projects stacked
+        # [N_L, m, n] kernels (per layer; optax's alone leaves 3-D leaves to plain Adam), the
+        # paper's side (the smaller dimension); embeddings, head and norms stay on Adam.
+        "galore r128": (
+            "dense",
+            omgd_jax.galore(1e-4, rank=128, matrices=r"^blocks/.*kernel", **adam_kw),
+        ),
         f"omgd-layer lean (gamma={gamma})": ("lean", omgd_jax.omgd_adamw(1e-4, **adam, **layer)),
         "omgd-element compact (M=4)": (
             "dense",

@@ -235,17 +235,20 @@ def _lean_bwd_recompute(layer_fn, stack, ids, inputs, dy):
     """Backward from the layer inputs alone, in two passes that carry no weight-sized buffer.
 
     Pass 1 walks the stack backwards taking every layer's input cotangent (no x^T dy matmuls)
-    and keeps the output cotangent of the active layers (slot gamma is a bin for the others).
+    and keeps the output cotangent of the active layers in a [gamma, ...] buffer.
     Pass 2 takes the weight cotangents of the gamma active layers from those, as the stacked
     outputs of a scan: each written once, no zero-filled buffer, no copy through a branch.
     """
     n, gamma = jax.tree.leaves(stack)[0].shape[0], ids.shape[0]
-    bins = jnp.zeros((gamma + 1,) + dy.shape, dy.dtype)
+    bins = jnp.zeros((gamma,) + dy.shape, dy.dtype)
 
     def input_pass(carry, index):
         dh, bins = carry
         slot = _slot(ids, index)
-        bins = jax.lax.dynamic_update_index_in_dim(bins, dh, jnp.where(slot >= 0, slot, gamma), 0)
+        # An inactive layer writes slot 0's own value back: no branch, no spare slot.
+        at = jnp.maximum(slot, 0)
+        keep = jax.lax.dynamic_index_in_dim(bins, at, 0, False)
+        bins = jax.lax.dynamic_update_index_in_dim(bins, jnp.where(slot >= 0, dh, keep), at, 0)
         p, h = _layer(stack, index), jax.lax.dynamic_index_in_dim(inputs, index, 0, False)
         return (jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0], bins), None
 
