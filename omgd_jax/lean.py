@@ -10,8 +10,10 @@ active layers are traced data (one compilation for every phase):
   N_L) under a custom backward pass. Its weight cotangent is the ``[gamma, ...]`` ``view`` of the
   active layers ``ids``; the backward of an inactive layer computes only the cotangent of its
   input, so it skips the x^T dy matmuls, and no ``[N_L, ...]`` gradient is ever built.
-* :func:`gather_layers` / :func:`scatter_layers` read the view before the forward pass and write
-  the updated view into the (donated) stack in place, touching gamma layers.
+* :func:`lean_value_and_grad` differentiates a loss that runs its stack through
+  :func:`scan_layers`; :func:`lean_train_step` adds the optimizer (the compact layer state of
+  ``omgd``) and writes the gamma updated layers into the donated stack in place
+  (:func:`scatter_layers`).
 
 What each layer keeps for the backward pass:
 
@@ -118,9 +120,11 @@ def scan_layers(
         = \frac{\partial L}{\partial W_{\mathrm{ids}_s}},
         \qquad \frac{\partial L}{\partial \mathrm{stack}} = 0,
 
-    the backward of an inactive layer computing the input cotangent alone. The forward reads
-    the weights from ``stack`` (``view`` must hold the same values as ``stack`` at ``ids``:
-    take it from :func:`gather_layers`).
+    the backward of an inactive layer computing the input cotangent alone. ``view`` is only a
+    differentiation point: the forward reads every weight from ``stack`` and never reads
+    ``view``'s values (zeros of the right shape do, as :func:`lean_value_and_grad` passes).
+    Inside :func:`lean_value_and_grad` a call without ``view`` finds it by itself, so a model
+    calls ``scan_layers(layer_fn, stack, x)`` whichever step trains it.
 
     Args:
       layer_fn: ``(layer_params, x) -> x``, one layer, ``layer_params`` shaped like one slice
@@ -134,6 +138,11 @@ def scan_layers(
 
     Returns:
       The activation leaving the last layer.
+
+    References:
+      Yang et al., Omni-Masked Gradient Descent, arXiv 2603.05960, 2026 (layer-wise OMGD).
+      Pan et al., LISA: Layerwise Importance Sampling for Memory-Efficient Large Language
+      Model Fine-Tuning, arXiv 2403.17919, 2024.
 
     Examples:
       >>> import jax, jax.numpy as jnp, omgd_jax
@@ -427,11 +436,45 @@ def lean_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, laye
     trained share only, as in PyTorch where frozen layers have no gradient.
 
     Jit it once with ``donate_argnums=(0, 1)``: the active ids are traced data, so every phase
-    runs the same compiled program.
+    runs the same compiled program. The update is the dense compact path's, restricted to what
+    it touches:
+
+    .. math::
+        \theta^{(l)} \leftarrow \theta^{(l)} + \mathrm{tx}\big(\tfrac{N_L}{\gamma}
+        \nabla_{\theta^{(l)}} f\big) \ \ (l \in \mathrm{ids}), \qquad
+        \theta^{(l)} \text{ unchanged } (l \notin \mathrm{ids}),
+
+    the always-active leaves updated every step with scale 1.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> loss`` whose model runs the stacked layers through
+        :func:`scan_layers`.
+      tx: the optimizer, holding a layer-wise compact OMGD state.
+      layers: regex (or callable) selecting the stacked leaves, as given to ``tx``.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``.
 
     Returns:
       ``step(params, opt_state, *args) -> (params, opt_state, value)`` where ``value`` is the
       loss (or ``(loss, aux)`` with ``has_aux``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, omgd_jax
+      >>> params = {"blocks": {"w": jnp.ones(4)}, "out": jnp.array(1.0)}
+      >>> def loss(p, x):
+      ...     h = omgd_jax.scan_layers(lambda layer, h: layer["w"] * h, p["blocks"], x)
+      ...     return (p["out"] * h - 2.0) ** 2
+      >>> tx = omgd_jax.omgd_adamw(0.1, weight_decay=0.0, granularity="layer",
+      ...                          layers="^blocks/", layers_per_phase=1, steps_per_mask=1)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(omgd_jax.lean_train_step(loss, tx, layers="^blocks/"))
+      >>> ids = omgd_jax.active_layers(state)
+      >>> params, state, value = step(params, state, 1.0)
+      >>> moved = params["blocks"]["w"] != 1.0
+      >>> print(value, moved.sum(), bool(moved[ids[0]]))  # one block trained, the others kept
+      1.0 1 True
+
+    References:
+      Yang et al., Omni-Masked Gradient Descent, arXiv 2603.05960, 2026 (Algorithm 2).
     """
     grad_fn = lean_value_and_grad(loss_fn, layers=layers, has_aux=has_aux)
 
