@@ -237,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> Config:
+    """Parses flags into a finalized Config; bad input exits through argparse with a message."""
+    parser = build_parser()
+    try:
+        return finalize(Config(**vars(parser.parse_args(argv))))
+    except ConfigError as e:
+        parser.error(str(e))
+
+
 def load_run_config(out_dir: str | Path) -> dict:
     """The config.json a run wrote into its out dir."""
     return json.loads((Path(out_dir) / "config.json").read_text())

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 import omgd_jax
 from examples.gpt2.checkpoint import Checkpointer, SigtermFlag, resume_point
-from examples.gpt2.config import Config, ConfigError, build_parser, finalize
+from examples.gpt2.config import Config, ConfigError, build_parser, finalize, parse_args
 from examples.gpt2.model import GPT, GPTConfig, get_config, loss_fn
 from examples.gpt2.optimizers import (
     BLOCKS,
@@ -473,12 +473,11 @@ def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dic
 
 
 def main(argv=None):
-    parser = build_parser()
+    cfg = parse_args(argv)
     try:
-        cfg = finalize(Config(**vars(parser.parse_args(argv))))
         s = run(cfg)
-    except ConfigError as e:  # also the library's refusals, in its words
-        parser.error(str(e))
+    except ConfigError as e:  # the library's refusals, in its words
+        build_parser().error(str(e))
     if jax.process_index() == 0:
         val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
         verb = "done" if s["step"] >= cfg.steps else "stopped"
