@@ -73,6 +73,7 @@ def factored_momentum_step(u, s, v, g, beta):
     r = s.shape[0]
     gv, gtu = g @ v, g.T @ u
     q_u, r_u = jnp.linalg.qr(jnp.concatenate([u, gv], axis=1))
+    _, (v, gtu) = jax.lax.optimization_barrier((r_u, (v, gtu)))  # one LAPACK call at a time
     q_v, r_v = jnp.linalg.qr(jnp.concatenate([v, gtu], axis=1))
     eye, zero = jnp.eye(r, dtype=g.dtype), jnp.zeros((r, r), g.dtype)
     b = jnp.block([[beta * jnp.diag(s) - u.T @ gv, eye], [eye, zero]])
@@ -91,7 +92,14 @@ def _direction(u, s, v, update, max_value, eps):
 
 
 def _over_layers(fn, stacked):
-    return jax.vmap(fn) if stacked else fn
+    """``fn`` on one matrix, or layer by layer (``lax.map``) over a stacked leaf.
+
+    Not ``vmap``: XLA:CPU's LAPACK calls (QR, SVD) hand their batch to its thread pool and
+    wait, and two of them at once can starve a small pool for good (a deadlock seen on 2
+    cores with jax 0.10.2). `scale_by_mofasgd` therefore also chains its matrices (and the
+    two QRs of a step) with ``optimization_barrier`` so that one such call runs at a time.
+    """
+    return (lambda *args: jax.lax.map(lambda a: fn(*a), args)) if stacked else fn
 
 
 def scale_by_mofasgd(
@@ -192,7 +200,7 @@ def scale_by_mofasgd(
             return ScaleByMofasgdState(jnp.zeros([], jnp.int32), *(_NotParams(),) * 3)
         check(leaves, dims)
         base_key = canonical_key(key)
-        us, ss, vs = [], [], []
+        us, ss, vs, previous = [], [], [], None
         for i, (x, d) in enumerate(zip(leaves, dims, strict=True)):
             if d is None:
                 us.append(None), ss.append(None), vs.append(None)
@@ -200,11 +208,14 @@ def scale_by_mofasgd(
             w = x if isinstance(x, jax.Array) else jnp.zeros(x.shape, x.dtype)
             r = effective_rank(rank, *d[-2:])
             leaf_key = jax.random.fold_in(base_key, i)
+            if previous is not None:  # one matrix after the other, see `_over_layers`
+                _, w = jax.lax.optimization_barrier((previous, w))
             if len(d) == 3:
                 keys = jax.random.split(leaf_key, d[0])
-                u, s, v = jax.vmap(init_one, in_axes=(0, 0, None))(w, keys, r)
+                u, s, v = _over_layers(lambda a, k, r=r: init_one(a, k, r), True)(w, keys)
             else:
                 u, s, v = init_one(w, leaf_key, r)
+            previous = s
             us.append(u), ss.append(s), vs.append(v)
         return ScaleByMofasgdState(jnp.zeros([], jnp.int32), tuple(us), tuple(ss), tuple(vs))
 
@@ -227,13 +238,18 @@ def scale_by_mofasgd(
         check(leaves, dims)
         first = state.mofasgd_count == 0
         out, us, ss, vs = [], [], [], []
+        previous = None
         for g, d, u, s, v in zip(
             leaves, dims, state.mofasgd_u, state.mofasgd_s, state.mofasgd_v, strict=True
         ):
             if d is None:
                 out.append(g), us.append(None), ss.append(None), vs.append(None)
                 continue
+            if previous is not None:
+                # One matrix after the other: see `_over_layers` (LAPACK calls at once deadlock).
+                _, (g, u, s, v) = jax.lax.optimization_barrier((previous, (g, u, s, v)))
             direction, u, s, v = update_leaf(g, len(d) == 3, u, s, v, first)
+            previous = s
             out.append(direction)
             us.append(u), ss.append(s), vs.append(v)
         new_state = ScaleByMofasgdState(

@@ -301,3 +301,15 @@ def test_nnx_optimizer_lowers_the_loss_of_gpt_nano():
 
     losses = [float(train_step(model, optimizer)) for _ in range(4)]
     assert losses[3] < losses[0]  # three updates lower the loss
+
+
+def test_many_matrices_in_one_jitted_step_do_not_deadlock():
+    # XLA:CPU deadlocked on 2 cores when several LAPACK calls (QR, SVD) ran at once; the
+    # transformation runs them one at a time. 12 stacked leaves hung before the fix.
+    params = {f"w{i}": jax.random.normal(jax.random.key(i), (2, 32, 64)) for i in range(12)}
+    tx = scale_by_mofasgd(32, init="random")
+    update = jax.jit(tx.update)
+    state = jax.jit(tx.init)(params)
+    for _ in range(3):
+        u, state = update(params, state, params)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
