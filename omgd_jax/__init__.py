@@ -8,9 +8,10 @@
 * `joint_traversal`: Algorithm 1's (mask, batch) order for loaders that drive it.
 """
 
-from omgd_jax.mofasgd import ScaleByMofasgdState, mofasgd, scale_by_mofasgd
+from omgd_jax.mofasgd import MOFASGD_STATIC_ARGS, ScaleByMofasgdState, mofasgd, scale_by_mofasgd
 from omgd_jax.schedule import MaskSchedule
 from omgd_jax.skip_update import (
+    SKIP_UPDATE_STATIC_ARGS,
     MagmaState,
     SkipUpdateState,
     magma,
@@ -30,6 +31,8 @@ from omgd_jax.wrapper import (
 )
 
 __all__ = [
+    "MOFASGD_STATIC_ARGS",
+    "SKIP_UPDATE_STATIC_ARGS",
     "STATIC_ARGS",
     "MagmaState",
     "MaskSchedule",

@@ -19,8 +19,9 @@ from omgd_jax.schedule import canonical_key, check_choice, check_int, check_key
 
 UPDATES = ("orthogonal", "inverse_sv")
 INITS = ("weight_svd", "grad_svd", "random")
-# Arguments that shape the computation: `optax.inject_hyperparams(f, static_args=STATIC_ARGS)`.
-STATIC_ARGS = ("rank", "update", "init", "key", "low_rank")
+# Arguments of `mofasgd` and `scale_by_mofasgd` that shape the computation:
+# `optax.inject_hyperparams(omgd_jax.mofasgd, static_args=omgd_jax.MOFASGD_STATIC_ARGS)`.
+MOFASGD_STATIC_ARGS = ("rank", "update", "init", "key", "low_rank")
 LOW_RANK, ADAMW = "mofasgd", "adamw"  # labels of the two partitions of `mofasgd`
 
 
@@ -320,6 +321,7 @@ def mofasgd(
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Its state holds, per factored matrix,
       r(m + n) + r floats instead of AdamW's 2mn.
+      For ``optax.inject_hyperparams`` pass ``static_args=omgd_jax.MOFASGD_STATIC_ARGS``.
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax

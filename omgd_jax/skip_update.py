@@ -29,9 +29,19 @@ MOMENTA = ("after", "before")
 DECAYS = ("masked", "dense")
 # Names the first moment has in optax states, tried in order (ScaleByAdamState.mu, TraceState).
 MOMENT_FIELDS = ("mu", "trace")
-# Arguments that shape the computation: `optax.inject_hyperparams(f, static_args=STATIC_ARGS)`.
-# ``p`` must be static too with ``traversal="wor"`` (it fixes the number of groups).
-STATIC_ARGS = ("inner", "key", "masked", "traversal", "momentum", "decay", "unbiased", "decay_mask")
+# Arguments of `skip_update`, `magma` and their aliases that shape the computation:
+# `optax.inject_hyperparams(omgd_jax.magma, static_args=omgd_jax.SKIP_UPDATE_STATIC_ARGS)`.
+# Add "p" with ``traversal="wor"`` (it fixes the number of groups).
+SKIP_UPDATE_STATIC_ARGS = (
+    "inner",
+    "key",
+    "masked",
+    "traversal",
+    "momentum",
+    "decay",
+    "unbiased",
+    "decay_mask",
+)
 
 _WOR_SALT = 7  # separates the wor partition stream from the iid draws
 
@@ -252,6 +262,8 @@ def skip_update(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to ``inner``.
+      For ``optax.inject_hyperparams`` pass ``static_args=omgd_jax.SKIP_UPDATE_STATIC_ARGS``
+      (plus ``"p"`` with ``traversal="wor"``).
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax
@@ -339,6 +351,8 @@ def magma(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to ``inner``.
+      For ``optax.inject_hyperparams`` pass ``static_args=omgd_jax.SKIP_UPDATE_STATIC_ARGS``
+      (plus ``"p"`` with ``traversal="wor"``).
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from omgd_jax.mofasgd import (
-    STATIC_ARGS,
+    MOFASGD_STATIC_ARGS,
     factored_momentum_step,
     mofasgd,
     scale_by_mofasgd,
@@ -218,7 +218,7 @@ def test_chain_inject_hyperparams_multisteps_extra_args():
     state = tx.init(params)
     tx.update(g, state, params, loss=jnp.float32(1.0))  # extra args pass through partition
 
-    make = optax.inject_hyperparams(mofasgd, static_args=STATIC_ARGS)
+    make = optax.inject_hyperparams(mofasgd, static_args=MOFASGD_STATIC_ARGS)
     tx = make(learning_rate=0.1, rank=2, beta=0.9)
     state = tx.init(params)
     u1, _ = tx.update(g, state, params)
