@@ -92,15 +92,20 @@ def _direction(u, s, v, update, max_value, eps):
     return (u * w) @ v.T
 
 
-def _over_layers(fn, stacked):
-    """``fn`` on one matrix, or layer by layer (``lax.map``) over a stacked leaf.
+def _over_layers(fn, stacked, batched: bool | None = None):
+    """``fn`` on one matrix, or on every layer of a stacked leaf.
 
-    Not ``vmap``: XLA:CPU's LAPACK calls (QR, SVD) hand their batch to its thread pool and
-    wait, and two of them at once can starve a small pool for good (a deadlock seen on 2
-    cores with jax 0.10.2). `scale_by_mofasgd` therefore also chains its matrices (and the
-    two QRs of a step) with ``optimization_barrier`` so that one such call runs at a time.
+    On CPU layer by layer (``lax.map``), elsewhere batched (``vmap``). XLA:CPU's LAPACK calls
+    (QR, SVD) hand their batch to its thread pool and wait, and two of them at once can starve
+    a small pool for good (a deadlock seen on 2 cores with jax 0.10.2); `scale_by_mofasgd`
+    therefore also chains its matrices (and the two QRs of a step) with
+    ``optimization_barrier``, so that one such call runs at a time.
     """
-    return (lambda *args: jax.lax.map(lambda a: fn(*a), args)) if stacked else fn
+    if not stacked:
+        return fn
+    if batched is None:
+        batched = jax.default_backend() != "cpu"
+    return jax.vmap(fn) if batched else (lambda *args: jax.lax.map(lambda a: fn(*a), args))
 
 
 def scale_by_mofasgd(

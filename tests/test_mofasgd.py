@@ -313,3 +313,24 @@ def test_many_matrices_in_one_jitted_step_do_not_deadlock():
     for _ in range(3):
         u, state = update(params, state, params)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
+
+
+def test_batched_and_layer_by_layer_paths_agree():
+    # vmap is used off CPU, lax.map on CPU: the same maths either way.
+    from omgd_jax.mofasgd import _over_layers
+
+    rng = np.random.default_rng(5)
+    u = jnp.asarray(np.stack([orthonormal(rng, 6, 2) for _ in range(3)]), jnp.float32)
+    v = jnp.asarray(np.stack([orthonormal(rng, 4, 2) for _ in range(3)]), jnp.float32)
+    s = jnp.asarray(rng.uniform(0.5, 1.0, (3, 2)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+    step = lambda *a: factored_momentum_step(*a, 0.9)
+    outs = [_over_layers(step, True, batched)(u, s, v, g) for batched in (True, False)]
+    (u1, s1, v1), (u2, s2, v2) = outs
+    np.testing.assert_allclose(s1, s2, rtol=1e-5)
+    for layer in range(3):  # the products: the SVD's signs may differ
+        np.testing.assert_allclose(
+            product(u1[layer], s1[layer], v1[layer]),
+            product(u2[layer], s2[layer], v2[layer]),
+            atol=1e-5,
+        )
