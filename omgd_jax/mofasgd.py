@@ -19,8 +19,7 @@ from omgd_jax.schedule import canonical_key, check_choice, check_int, check_key
 
 UPDATES = ("orthogonal", "inverse_sv")
 INITS = ("weight_svd", "grad_svd", "random")
-# Arguments that shape the computation: `optax.inject_hyperparams(f, static_args=STATIC_ARGS)`.
-STATIC_ARGS = ("rank", "update", "init", "key", "low_rank")
+# Arguments of `mofasgd` and `scale_by_mofasgd` that shape the computation:
 LOW_RANK, ADAMW = "mofasgd", "adamw"  # labels of the two partitions of `mofasgd`
 
 
@@ -73,6 +72,7 @@ def factored_momentum_step(u, s, v, g, beta):
     r = s.shape[0]
     gv, gtu = g @ v, g.T @ u
     q_u, r_u = jnp.linalg.qr(jnp.concatenate([u, gv], axis=1))
+    _, (v, gtu) = jax.lax.optimization_barrier((r_u, (v, gtu)))  # one LAPACK call at a time
     q_v, r_v = jnp.linalg.qr(jnp.concatenate([v, gtu], axis=1))
     eye, zero = jnp.eye(r, dtype=g.dtype), jnp.zeros((r, r), g.dtype)
     b = jnp.block([[beta * jnp.diag(s) - u.T @ gv, eye], [eye, zero]])
@@ -90,8 +90,20 @@ def _direction(u, s, v, update, max_value, eps):
     return (u * w) @ v.T
 
 
-def _over_layers(fn, stacked):
-    return jax.vmap(fn) if stacked else fn
+def _over_layers(fn, stacked, batched: bool | None = None):
+    """``fn`` on one matrix, or on every layer of a stacked leaf.
+
+    On CPU layer by layer (``lax.map``), elsewhere batched (``vmap``). XLA:CPU's LAPACK calls
+    (QR, SVD) hand their batch to its thread pool and wait, and two of them at once can starve
+    a small pool for good (a deadlock seen on 2 cores with jax 0.10.2); `scale_by_mofasgd`
+    therefore also chains its matrices (and the two QRs of a step) with
+    ``optimization_barrier``, so that one such call runs at a time.
+    """
+    if not stacked:
+        return fn
+    if batched is None:
+        batched = jax.default_backend() != "cpu"
+    return jax.vmap(fn) if batched else (lambda *args: jax.lax.map(lambda a: fn(*a), args))
 
 
 def scale_by_mofasgd(
@@ -192,7 +204,7 @@ def scale_by_mofasgd(
             return ScaleByMofasgdState(jnp.zeros([], jnp.int32), *(_NotParams(),) * 3)
         check(leaves, dims)
         base_key = canonical_key(key)
-        us, ss, vs = [], [], []
+        us, ss, vs, previous = [], [], [], None
         for i, (x, d) in enumerate(zip(leaves, dims, strict=True)):
             if d is None:
                 us.append(None), ss.append(None), vs.append(None)
@@ -200,11 +212,14 @@ def scale_by_mofasgd(
             w = x if isinstance(x, jax.Array) else jnp.zeros(x.shape, x.dtype)
             r = effective_rank(rank, *d[-2:])
             leaf_key = jax.random.fold_in(base_key, i)
+            if previous is not None:  # one matrix after the other, see `_over_layers`
+                _, w = jax.lax.optimization_barrier((previous, w))
             if len(d) == 3:
                 keys = jax.random.split(leaf_key, d[0])
-                u, s, v = jax.vmap(init_one, in_axes=(0, 0, None))(w, keys, r)
+                u, s, v = _over_layers(lambda a, k, r=r: init_one(a, k, r), True)(w, keys)
             else:
                 u, s, v = init_one(w, leaf_key, r)
+            previous = s
             us.append(u), ss.append(s), vs.append(v)
         return ScaleByMofasgdState(jnp.zeros([], jnp.int32), tuple(us), tuple(ss), tuple(vs))
 
@@ -227,13 +242,18 @@ def scale_by_mofasgd(
         check(leaves, dims)
         first = state.mofasgd_count == 0
         out, us, ss, vs = [], [], [], []
+        previous = None
         for g, d, u, s, v in zip(
             leaves, dims, state.mofasgd_u, state.mofasgd_s, state.mofasgd_v, strict=True
         ):
             if d is None:
                 out.append(g), us.append(None), ss.append(None), vs.append(None)
                 continue
+            if previous is not None:
+                # One matrix after the other: see `_over_layers` (LAPACK calls at once deadlock).
+                _, (g, u, s, v) = jax.lax.optimization_barrier((previous, (g, u, s, v)))
             direction, u, s, v = update_leaf(g, len(d) == 3, u, s, v, first)
+            previous = s
             out.append(direction)
             us.append(u), ss.append(s), vs.append(v)
         new_state = ScaleByMofasgdState(
@@ -304,6 +324,7 @@ def mofasgd(
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Its state holds, per factored matrix,
       r(m + n) + r floats instead of AdamW's 2mn.
+      For ``optax.inject_hyperparams`` pass ``static_args=omgd_jax.static_args(omgd_jax.mofasgd)``.
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax

@@ -29,9 +29,6 @@ MOMENTA = ("after", "before")
 DECAYS = ("masked", "dense")
 # Names the first moment has in optax states, tried in order (ScaleByAdamState.mu, TraceState).
 MOMENT_FIELDS = ("mu", "trace")
-# Arguments that shape the computation: `optax.inject_hyperparams(f, static_args=STATIC_ARGS)`.
-# ``p`` must be static too with ``traversal="wor"`` (it fixes the number of groups).
-STATIC_ARGS = ("inner", "key", "masked", "traversal", "momentum", "decay", "unbiased", "decay_mask")
 
 _WOR_SALT = 7  # separates the wor partition stream from the iid draws
 
@@ -252,6 +249,8 @@ def skip_update(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to ``inner``.
+      For ``optax.inject_hyperparams`` pass ``static_args=omgd_jax.static_args(omgd_jax.magma)``
+      (plus ``"p"`` with ``traversal="wor"``).
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax
@@ -339,6 +338,8 @@ def magma(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to ``inner``.
+      For ``optax.inject_hyperparams`` pass ``static_args=omgd_jax.static_args(omgd_jax.magma)``
+      (plus ``"p"`` with ``traversal="wor"``).
 
     Examples:
       >>> import jax.numpy as jnp, optax, omgd_jax

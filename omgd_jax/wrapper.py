@@ -55,6 +55,17 @@ STATIC_ARGS = (
     "sparse_rate",
     "select_step",
     "selected",
+    # skip_update / magma (add "p" with traversal="wor": it fixes the number of groups)
+    "inner",
+    "masked",
+    "momentum",
+    "decay",
+    "unbiased",
+    "decay_mask",
+    # mofasgd
+    "update",
+    "init",
+    "low_rank",
 )
 
 

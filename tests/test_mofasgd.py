@@ -9,8 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
+import omgd_jax
 from omgd_jax.mofasgd import (
-    STATIC_ARGS,
     factored_momentum_step,
     mofasgd,
     scale_by_mofasgd,
@@ -218,7 +218,7 @@ def test_chain_inject_hyperparams_multisteps_extra_args():
     state = tx.init(params)
     tx.update(g, state, params, loss=jnp.float32(1.0))  # extra args pass through partition
 
-    make = optax.inject_hyperparams(mofasgd, static_args=STATIC_ARGS)
+    make = optax.inject_hyperparams(mofasgd, static_args=omgd_jax.static_args(mofasgd))
     tx = make(learning_rate=0.1, rank=2, beta=0.9)
     state = tx.init(params)
     u1, _ = tx.update(g, state, params)
@@ -301,3 +301,36 @@ def test_nnx_optimizer_lowers_the_loss_of_gpt_nano():
 
     losses = [float(train_step(model, optimizer)) for _ in range(4)]
     assert losses[3] < losses[0]  # three updates lower the loss
+
+
+def test_many_matrices_in_one_jitted_step_do_not_deadlock():
+    # XLA:CPU deadlocked on 2 cores when several LAPACK calls (QR, SVD) ran at once; the
+    # transformation runs them one at a time. 12 stacked leaves hung before the fix.
+    params = {f"w{i}": jax.random.normal(jax.random.key(i), (2, 32, 64)) for i in range(12)}
+    tx = scale_by_mofasgd(32, init="random")
+    update = jax.jit(tx.update)
+    state = jax.jit(tx.init)(params)
+    for _ in range(3):
+        u, state = update(params, state, params)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
+
+
+def test_batched_and_layer_by_layer_paths_agree():
+    # vmap is used off CPU, lax.map on CPU: the same maths either way.
+    from omgd_jax.mofasgd import _over_layers
+
+    rng = np.random.default_rng(5)
+    u = jnp.asarray(np.stack([orthonormal(rng, 6, 2) for _ in range(3)]), jnp.float32)
+    v = jnp.asarray(np.stack([orthonormal(rng, 4, 2) for _ in range(3)]), jnp.float32)
+    s = jnp.asarray(rng.uniform(0.5, 1.0, (3, 2)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+    step = lambda *a: factored_momentum_step(*a, 0.9)
+    outs = [_over_layers(step, True, batched)(u, s, v, g) for batched in (True, False)]
+    (u1, s1, v1), (u2, s2, v2) = outs
+    np.testing.assert_allclose(s1, s2, rtol=1e-5)
+    for layer in range(3):  # the products: the SVD's signs may differ
+        np.testing.assert_allclose(
+            product(u1[layer], s1[layer], v1[layer]),
+            product(u2[layer], s2[layer], v2[layer]),
+            atol=1e-5,
+        )

@@ -9,9 +9,9 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import omgd_jax
 from omgd_jax.layers import path_str
 from omgd_jax.skip_update import (
-    STATIC_ARGS,
     block_counts,
     draw_blocks,
     magma,
@@ -296,7 +296,7 @@ def test_chain_inject_hyperparams_multisteps():
         _, state = tx.update(g, state, params)
     assert int(optax.tree.get(state, "magma_step")) == 3
 
-    make = optax.inject_hyperparams(magma, static_args=STATIC_ARGS + ("p",))
+    make = optax.inject_hyperparams(magma, static_args=omgd_jax.static_args(magma) + ("p",))
     tx = make(optax.sgd(1.0, momentum=0.0), p=1.0, tau=2.0, traversal="wor")
     state = tx.init(params)
     u1, _ = tx.update(g, state, params)
