@@ -312,6 +312,13 @@ def mofasgd(
     from :func:`scale_by_mofasgd`; every other leaf (embeddings, head, biases, norms, and any
     leaf that is not 2-D) gets ``optax.adamw``, through ``optax.partition``.
 
+    .. math::
+        U S V^\top \leftarrow \mathrm{SVD}_r\!\left(\beta\, U S V^\top
+        + P_T(G)\right),\qquad W \leftarrow W - \eta\, U V^\top,
+
+    with :math:`P_T(G) = UU^\top G + G VV^\top - UU^\top G VV^\top` the projection of the
+    gradient on the tangent space of the rank-r matrices (SPEC §3.2).
+
     Args:
       learning_rate: :math:`\eta` of the factored part (a float or a schedule).
       rank, beta, update, max_value, eps, init, key: as in :func:`scale_by_mofasgd`.

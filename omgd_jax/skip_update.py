@@ -420,12 +420,41 @@ def skip_update_adamw(
     traversal: Traversal = "iid",
     decay: Literal["masked", "dense"] = "masked",
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW under :func:`skip_update`: ``scale_by_adam`` inside, decay per ``decay``, lr after.
+    r"""AdamW under :func:`skip_update`: ``scale_by_adam`` inside, decay per ``decay``, lr after.
+
+    With :math:`\Delta_b` Adam's direction for block b (moments updated densely every step) and
+    :math:`z_b \sim \mathrm{Bernoulli}(p)` (or OMGD's without-replacement groups),
+
+    .. math::
+        \theta_b \leftarrow \theta_b - \eta_t \left(\tfrac{z_b}{p}\,\Delta_b
+        + \lambda\,\theta_b\right),
+
+    the decay term masked with :math:`z_b` (``decay="masked"``) or applied to every block
+    (``"dense"``).
+
+    Args:
+      learning_rate: :math:`\eta_t`, a float or an optax schedule (applied after the wrapper,
+        so it follows the global step).
+      p: keep probability of a block.
+      b1, b2, eps: Adam's (``optax.scale_by_adam``).
+      weight_decay: :math:`\lambda`, decoupled.
+      decay_mask: which leaves are decayed (a tree of bools or a callable on the params).
+      key, masked, traversal, decay: as in :func:`skip_update`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
 
     Examples:
       >>> import jax.numpy as jnp, omgd_jax
-      >>> tx = omgd_jax.skip_update_adamw(1e-3, p=0.5, weight_decay=0.1)
-      >>> state = tx.init({"w": jnp.zeros((4, 4))})
+      >>> tx = omgd_jax.skip_update_adamw(1e-3, p=0.5, weight_decay=0.0)
+      >>> params = {"w": jnp.zeros((4, 4)), "v": jnp.zeros((4, 4))}
+      >>> u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+      >>> sorted(round(float(abs(x).max()), 4) for x in u.values())  # dropped, or 1/p times Adam's
+      [0.0, 0.002]
+
+    References:
+      Joo et al., SkipUpdate and Magma: randomly masked updates in adaptive optimizers,
+      arXiv 2602.15322, 2026.
     """
     return _adam_alias(
         skip_update,
@@ -461,12 +490,42 @@ def magma_adamw(
     masked: Masked | None = None,
     traversal: Traversal = "iid",
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW under :func:`magma`: ``scale_by_adam`` inside, decay per ``decay``, lr after.
+    r"""AdamW under :func:`magma`: ``scale_by_adam`` inside, decay per ``decay``, lr after.
+
+    With :math:`\mu_b` Adam's first moment and :math:`g_b` the gradient of block b,
+
+    .. math::
+        \tilde s_b = \sigma\!\left(\cos(\mu_b, g_b)/\tau\right),\quad
+        s_b \leftarrow 0.9\, s_b + 0.1\, \tilde s_b,\quad
+        \theta_b \leftarrow \theta_b - \eta_t\left(s_b z_b \Delta_b + \lambda\theta_b\right),
+
+    no :math:`1/p` (unless ``unbiased``), so the expected step is about a quarter of Adam's:
+    retune the learning rate.
+
+    Args:
+      learning_rate: :math:`\eta_t`, a float or an optax schedule (applied after the wrapper).
+      p: keep probability of a block.
+      tau: :math:`\tau`, the temperature of the score.
+      b1, b2, eps: Adam's (``optax.scale_by_adam``).
+      weight_decay: :math:`\lambda`, decoupled.
+      decay_mask: which leaves are decayed (a tree of bools or a callable on the params).
+      key, ema, momentum, decay, unbiased, masked, traversal: as in :func:`magma`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
 
     Examples:
-      >>> import jax.numpy as jnp, omgd_jax
+      >>> import jax.numpy as jnp, optax, omgd_jax
       >>> tx = omgd_jax.magma_adamw(1e-3, weight_decay=0.1, decay="dense")
-      >>> state = tx.init({"w": jnp.zeros((4, 4))})
+      >>> params = {"w": jnp.ones((4, 4))}
+      >>> _, state = tx.update(params, tx.init(params), params)
+      >>> score = optax.tree.get(state, "magma_score")[0]  # one score per masked block
+      >>> print(round(float(score[0]), 4))  # 0.9 * 0.5 + 0.1 * sigmoid(cos(mu, g) / 2), cos = 1
+      0.5122
+
+    References:
+      Joo et al., SkipUpdate and Magma: randomly masked updates in adaptive optimizers,
+      arXiv 2602.15322, 2026.
     """
     return _adam_alias(
         magma,
