@@ -366,9 +366,7 @@ class ViewTrees:
     def __init__(self, tree):
         self.treedef = jax.tree.structure(tree)
         units, self.outer = jax.tree.flatten(tree, is_leaf=_is_leaf_wrapper)
-        self.wrappers = [
-            jax.tree.structure(u) if _is_leaf_wrapper(u) else None for u in units
-        ]
+        self.wrappers = [jax.tree.structure(u) if _is_leaf_wrapper(u) else None for u in units]
 
     def unflatten(self, xs):
         if xs is None:
