@@ -467,7 +467,7 @@ def omgd_compact(
         mask_fields = init_mask_state(key)
         if layers_lib.is_params_placeholder(params):
             return OmgdCompactState(
-                *mask_fields, jnp.int32(-1), _NotParams(), _NotParams(), _NotParams(), ()
+                *mask_fields, jnp.int32(-1), *(_NotParams(),) * 4
             )
         leaves = jax.tree.leaves(params)
         trees = ViewTrees(params)
