@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from omgd_jax import layers as layers_lib
 from omgd_jax.layers import path_str
 from omgd_jax.schedule import canonical_key, check_choice, check_int, check_key
 
@@ -259,7 +260,7 @@ def _check(rank, update_proj_gap, projector_side, matrices, key):
 def _chain(core, weight_decay, mask, learning_rate):
     """Weight decay and learning rate in the full space, after the projection (as optax)."""
     return optax.chain(
-        core,
+        layers_lib.with_bare_masked_nodes(core),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -184,3 +184,49 @@ def plan_layers(tree, layers: LayerSpec) -> Plan:
     else:
         num_layers = stacked_depths.pop()
     return Plan(tuple(roles), tuple(layer_of), tuple(sizes), num_layers, num_layers)
+
+
+# ------------------------------------------------------------------ MaskedNode inside wrappers
+def _is_wrapped_masked_node(x) -> bool:
+    """A non-container pytree node (e.g. `nnx.Param`) whose only content is a MaskedNode."""
+    if isinstance(x, (dict, list, tuple, optax.MaskedNode)) or x is None:
+        return False
+    if hasattr(x, "keys") and hasattr(x, "items"):  # mappings such as nnx.State
+        return False
+    children = jax.tree_util.tree_flatten(x, is_leaf=lambda y: isinstance(y, optax.MaskedNode))[0]
+    return len(children) == 1 and isinstance(children[0], optax.MaskedNode) and children[0] is not x
+
+
+def bare_masked_nodes(tree):
+    """``tree`` with every wrapper around a MaskedNode (``nnx.Param(MaskedNode())``, which
+    `optax.masked` / `optax.partition` make of `nnx.State` parameters) replaced by the bare
+    MaskedNode. Same leaves, in the same order."""
+    return jax.tree.map(
+        lambda x: optax.MaskedNode() if _is_wrapped_masked_node(x) else x,
+        tree,
+        is_leaf=_is_wrapped_masked_node,
+    )
+
+
+def with_bare_masked_nodes(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """``inner`` whose state holds bare MaskedNodes instead of wrappers around them.
+
+    A wrapper around a MaskedNode has no shape, so `nnx.eval_shape(lambda: nnx.Optimizer(...))`
+    cannot give it a sharding under a mesh (flax raises a TypeError). The wrappers are put back,
+    from the structure of ``inner.init``, before ``inner.update`` sees its state. Plain pytrees
+    of arrays hold no such wrappers: their state is unchanged.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return bare_masked_nodes(inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        template = jax.eval_shape(inner.init, updates if params is None else params)
+        full = jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(state))
+        new_updates, new_state = inner.update(updates, full, params, **extra_args)
+        return new_updates, bare_masked_nodes(new_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

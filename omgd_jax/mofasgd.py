@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from omgd_jax import blocks
+from omgd_jax import layers as layers_lib
 from omgd_jax.schedule import canonical_key, check_choice, check_int, check_key
 
 UPDATES = ("orthogonal", "inverse_sv")
@@ -360,4 +361,6 @@ def mofasgd(
         eps=adamw_eps,
         weight_decay=adamw_weight_decay,
     )
-    return optax.partition({LOW_RANK: factored, ADAMW: adamw}, low_rank_labels(low_rank))
+    return layers_lib.with_bare_masked_nodes(
+        optax.partition({LOW_RANK: factored, ADAMW: adamw}, low_rank_labels(low_rank))
+    )

@@ -82,6 +82,12 @@ class Active(NamedTuple):
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, jax.Array):  # a tracer, or inject_hyperparams' arrays
+        raise TypeError(
+            f"{name} must be a Python int >= {minimum}, got an array ({value!r}): it shapes "
+            "the computation and cannot be a hyperparameter; with optax.inject_hyperparams pass "
+            "static_args=omgd_jax.static_args(factory) (factory: the function you inject)"
+        )
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:

@@ -121,6 +121,16 @@ def omgd(
     Either way a learning-rate schedule *inside* ``inner`` would follow the inner counter;
     put it after ``omgd`` (``optax.scale_by_learning_rate``), as :func:`omgd_adamw` does.
 
+    Sharded parameters: compact element windows are cut inside every shard of a leaf (its
+    shard grid, read by ``init`` from the leaf's `NamedSharding` and kept in the state), so they
+    keep the leaf's `PartitionSpec` and each device holds 1/M of its shard's inner state; layer
+    views keep the non-layer axes' sharding. See ``omgd_jax.compact``.
+
+    Non-finite gradients: a step counts whatever its gradient holds (the phase advances; compact
+    buffers restart when the mask changes). Wrap in ``optax.apply_if_finite`` (or
+    ``optax.MultiSteps(..., should_skip_update_fn=optax.skip_not_finite)``) to drop such a step
+    whole: the traversal then does not advance.
+
     Args:
       inner: the optax optimizer to run on the active share.
       num_masks: M, the number of disjoint masks of a cycle (keep ratio 1/M). For

@@ -424,6 +424,8 @@ def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dic
     lr_at = jax.jit(lr_schedule(cfg))  # one compile instead of a dozen eager ops
     tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.block_size
     t_last, n_last, loss_sum = time.perf_counter(), 0, 0.0
+    # The layers every layer-wise OMGD / LISA step trains, read from this host's optimizer state.
+    layerwise, masks = cfg.optimizer in LAYER_OPTIMIZERS and cfg.omgd_state == "compact", []
     with logger, SigtermFlag() as sigterm:
         while step < cfg.steps:
             if stage_at(cfg, step) != stage.name:  # warm-up over: switch to the OMGD optimizer
@@ -431,6 +433,8 @@ def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dic
                 del state  # frees the AdamW moments before the new state is made
                 state = TrainState(params, stage.init(params))
             x, y = feed.train_batch(next(batches))
+            if layerwise and stage.name == "omgd":  # a copy: the state is donated to the step
+                masks.append((step, omgd_jax.active_layers(state.opt_state) + 0))
             state, metrics = stage.step(state, x, y)
             step, n_last = step + 1, n_last + 1
             loss_sum = loss_sum + metrics["loss"]  # stays on device until logged
@@ -469,6 +473,7 @@ def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dic
         param_bytes=tree_bytes(state.params),
         params=state.params,
         opt_state=state.opt_state,
+        active_layers=[(t, np.asarray(ids.addressable_data(0)).tolist()) for t, ids in masks],
     )
 
 

@@ -374,7 +374,7 @@ def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
     import socket
 
     kw = _scale_out_run(4)
-    train(_cfg(data_dir, tmp_path / "one", **kw))
+    one_summary = train(_cfg(data_dir, tmp_path / "one", **kw))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -410,14 +410,26 @@ def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
     _, two = _losses(tmp_path / "two")
     assert len(one) == 4
     np.testing.assert_allclose(two, one, rtol=2e-4)
+    # The masks: every process's active layers per step, gathered from both processes
+    # (`process_allgather`), printed by each; identical across processes and to one process's.
+    gathered = [json.loads(o.split("MASKS ")[1].splitlines()[0]) for o in outputs]
+    assert gathered[0] == gathered[1]
+    per_process = gathered[0]
+    assert len(per_process) == 2 and per_process[0] == per_process[1]
+    assert [ids for _, ids in one_summary["active_layers"]] == per_process[0]
+    assert len(per_process[0]) == 2  # steps 2 and 3 (masks after 2 AdamW steps)
 
 
 _MULTI_PROCESS_RUN = """
 import json, sys
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from examples.gpt2.config import Config
 from examples.gpt2.train import train
-train(Config(**json.loads(sys.argv[1])))
+s = train(Config(**json.loads(sys.argv[1])))
+ids = np.array([ids for _, ids in s["active_layers"]], np.int32)
+print("MASKS " + json.dumps(multihost_utils.process_allgather(ids).tolist()), flush=True)
 print(f"process_count={jax.process_count()} device_count={jax.device_count()}", flush=True)
 """
 
