@@ -55,8 +55,8 @@ class OmgdCompactState(NamedTuple):
     omgd_dense_state: Any  # layer granularity: inner state of the always-active leaves.
     omgd_layer_ids: jax.Array  # layer granularity: int32[gamma], the layers the next update
     # trains (`omgd_jax.active_layers` reads it to build a lean step); EmptyState otherwise.
-    omgd_shard_grid: Any  # element granularity: per leaf, an empty uint8 array of shape
-    # (*grid, 0): the shards along every axis its bands are cut inside (zero bytes); else ().
+    omgd_shard_grid: Any  # element granularity: per leaf, uint8 zeros of shape (*grid, 1):
+    # the shards along every axis its bands are cut inside (one byte a shard); else ().
 
 
 def window_shape(
@@ -332,8 +332,12 @@ def sharded_zeros(struct, sharding):
 
 
 def grid_record(grids) -> tuple:
-    """The shard grids as stored in the state: empty uint8 arrays of shape (*grid, 0)."""
-    return tuple(jnp.zeros(tuple(g) + (0,), jnp.uint8) for g in grids)
+    """The shard grids as stored in the state: uint8 zeros of shape (*grid, 1).
+
+    A grid is static (it fixes the window's shape), so it is kept as a shape; one byte per
+    shard rather than none because Orbax cannot checkpoint zero-size arrays.
+    """
+    return tuple(jnp.zeros(tuple(g) + (1,), jnp.uint8) for g in grids)
 
 
 def grids_of(record, num_leaves: int) -> list:
