@@ -55,7 +55,7 @@ class OmgdCompactState(NamedTuple):
     omgd_dense_state: Any  # layer granularity: inner state of the always-active leaves.
     omgd_layer_ids: jax.Array  # layer granularity: int32[gamma], the layers the next update
     # trains (`omgd_jax.active_layers` reads it to build a lean step); EmptyState otherwise.
-    omgd_shard_grid: Any  # element granularity: per leaf, uint8 zeros of shape (*grid, 1):
+    omgd_shard_grid: Any  # element granularity: per leaf, uint8 zeros of shape ``(*grid, 1)``:
     # the shards along every axis its bands are cut inside (one byte a shard); else ().
 
 
