@@ -69,6 +69,22 @@ class Checkpointer:
     def latest(self) -> int | None:
         return self.mngr.latest_step()
 
+    def steps(self) -> list[int]:
+        """The saved steps, newest first."""
+        return sorted(self.mngr.all_steps(), reverse=True)
+
+    def set_aside(self, step: int) -> Path:
+        """Moves the checkpoint of ``step`` out of the way (renamed ``<step>.unreadable``, not
+        deleted), so the run can save that step again."""
+        source = Path(self.mngr.directory) / str(step)
+        target = source.with_name(f"{step}.unreadable")
+        n = 1
+        while target.exists():
+            target, n = source.with_name(f"{step}.unreadable.{n}"), n + 1
+        source.rename(target)
+        self.mngr.reload()
+        return target
+
     def save(self, step: int, state, stage: str, cfg: Config, data_position: dict):
         """Saves `state` (a TrainState) at `step`, unless that step is saved already."""
         if self.latest() == step:  # e.g. SIGTERM right after a scheduled save
@@ -105,10 +121,12 @@ class Checkpointer:
         self.mngr.close()
 
 
-def resume_point(ckpt: Checkpointer, cfg: Config, batches, verbose: bool) -> dict | None:
-    """The metadata of the checkpoint to resume from (`batches` moved to its data position),
-    or None for a fresh run. Refuses, with a sentence, checkpoints without --resume and
-    checkpoints of another run."""
+def resume_point(
+    ckpt: Checkpointer, cfg: Config, batches, verbose: bool, step: int | None = None
+) -> dict | None:
+    """The metadata of the checkpoint to resume from (the latest, or ``step``; `batches` moved
+    to its data position), or None for a fresh run. Refuses, with a sentence, checkpoints
+    without --resume and checkpoints of another run."""
     latest = ckpt.latest()
     if latest is not None and not cfg.resume:
         raise SystemExit(
@@ -119,7 +137,7 @@ def resume_point(ckpt: Checkpointer, cfg: Config, batches, verbose: bool) -> dic
         if cfg.resume and verbose:
             print(f"no checkpoint in {cfg.out_dir}: starting from step 0", file=sys.stderr)
         return None
-    meta = ckpt.meta(latest)
+    meta = ckpt.meta(latest if step is None else step)
     saved = meta["identity"]
     diff = {k: (saved.get(k), v) for k, v in run_identity(cfg).items() if saved.get(k) != v}
     if diff:
