@@ -11,7 +11,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from examples.gpt2 import train as train_mod
 from examples.gpt2.train import train
