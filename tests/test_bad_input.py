@@ -86,6 +86,10 @@ CASES = [
     ("active_layers of a plain Adam state",
      lambda: omgd_jax.active_layers(ADAM.init(stacked_tree())), ValueError,
      "must hold exactly one layer-wise compact OMGD state"),
+    ("repartition of fixed bands", lambda: omgd_jax.omgd_mask(2, repartition=True), ValueError,
+     "repartition=True needs a partition to redraw, and layout='contiguous' has fixed bands"),
+    ("repartition not a bool", lambda: omgd_jax.omgd(ADAM, 2, repartition=1), TypeError,
+     "repartition must be a bool, got 1"),
     ("galore rank 0", lambda: omgd_jax.galore(1e-3, rank=0), ValueError, "rank must be >= 1"),
 ]  # fmt: skip
 
