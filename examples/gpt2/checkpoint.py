@@ -8,12 +8,14 @@ iterator's position, the run's identity (what must agree to resume) and the whol
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from examples.gpt2.config import Config
@@ -34,22 +36,41 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_empty(x) -> bool:
+    return math.prod(x.shape) == 0
+
+
 def keys_to_data(tree):
-    """Typed PRNG keys -> their uint32 key data (Orbax stores plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    """Typed PRNG keys -> their uint32 key data (Orbax stores plain arrays); empty arrays
+    (omgd_jax's shard grids, layer ids outside layer granularity) -> None (Orbax refuses them,
+    and their shape is all they hold)."""
+
+    def one(x):
+        if _is_empty(x):
+            return None
+        return jax.random.key_data(x) if _is_key(x) else x
+
+    return jax.tree.map(one, tree)
 
 
-def data_to_keys(tree, template):
+def data_to_keys(tree, template, shardings):
     """Inverse of keys_to_data, guided by an (abstract) template with the typed keys."""
-    return jax.tree.map(
-        lambda x, t: jax.random.wrap_key_data(x) if _is_key(t) else x, tree, template
-    )
+
+    def one(t, x, s):
+        if _is_empty(t):
+            return jnp.zeros(t.shape, t.dtype, device=s)
+        return jax.random.wrap_key_data(x) if _is_key(t) else x
+
+    return jax.tree.map(one, template, tree, shardings, is_leaf=lambda x: x is None)
 
 
 def _restore_target(abstract, shardings):
-    """Abstract arrays with their shardings, typed keys replaced by their key data."""
+    """Abstract arrays with their shardings, typed keys replaced by their key data, empty
+    arrays by None."""
 
     def one(x, s):
+        if _is_empty(x):
+            return None
         if _is_key(x):
             x = jax.eval_shape(jax.random.key_data, x)
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -114,7 +135,9 @@ class Checkpointer:
         out = self.mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         ).state
-        return type(abstract_state)(**data_to_keys(out, abstract_state._asdict()))
+        return type(abstract_state)(
+            **data_to_keys(out, abstract_state._asdict(), shardings._asdict())
+        )
 
     def close(self):
         self.mngr.wait_until_finished()
