@@ -287,3 +287,16 @@ def test_nnx_eval_shape_of_an_optimizer_under_a_mesh(name, tx):
         concrete = nnx.Optimizer(model, tx, wrt=nnx.Param)
     shapes = lambda o: [x.shape for x in jax.tree.leaves(nnx.state(o, nnx.OptState))]
     assert shapes(abstract) == shapes(concrete)
+
+
+def test_example_batch_not_divisible_by_the_devices_is_refused(tmp_path):
+    from examples.gpt2.train import train
+    from tests.examples.test_gpt2_train import _cfg
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.arange(4000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "train.bin")
+    np.arange(1000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "val.bin")
+    with pytest.raises(SystemExit, match="--batch-size 4 is not divisible by the 8 devices"):
+        train(_cfg(data, tmp_path / "out", steps=1, batch_size=4))
+    assert not (tmp_path / "out").exists()  # nothing written
