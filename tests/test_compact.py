@@ -240,4 +240,3 @@ def test_sharded_windows_cut_every_block_and_tile_the_leaf(blocks, num_masks):
         np.testing.assert_array_equal(window, expect.reshape(window.shape))
         total = total + compact.write_window(window, shape, jnp.int32(label), num_masks, grid)
     np.testing.assert_array_equal(total, x)  # the bands tile the leaf
-
