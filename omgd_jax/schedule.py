@@ -17,8 +17,9 @@ Granularities (SPEC §1.2):
     through them in a random order, drawn afresh every cycle: balanced, two integer compares
     that XLA fuses into the update, and the active share of a leaf is one window, which is what
     lets `omgd` keep a compact optimizer state with `dynamic_slice` (SPEC §5). The bands
-    themselves are the same every cycle: a random rotation would make one band wrap around the
-    end of the leaf, and writing a wrapped window back costs several times the update on CPU.
+    themselves are the same every cycle (``repartition=True`` is refused for them): a random
+    rotation would make one band wrap around the end of the leaf, and writing a wrapped window
+    back costs several times the update on CPU.
     ``layout="random"`` assigns every coordinate to a uniformly random group with a
     counter-based hash, afresh every cycle: the fine-grained random partition of the theory,
     for small problems and for `omgd_mask` (groups balanced in expectation only).
@@ -143,7 +144,7 @@ class MaskSchedule:
     layers_per_phase: int | None = None
     layout: Layout = "contiguous"
     balance: Balance = "count"
-    repartition: bool = True
+    repartition: bool | None = None
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> MaskSchedule:
@@ -162,8 +163,15 @@ class MaskSchedule:
         check_int("steps_per_mask", self.steps_per_mask, 1)
         check_int("warmup_steps", self.warmup_steps, 0)
         for flag in ("scale", "repartition"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+            value = getattr(self, flag)
+            if not isinstance(value, bool) and not (flag == "repartition" and value is None):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
+        if self.repartition and self.granularity == "element" and self.layout == "contiguous":
+            raise ValueError(
+                "repartition=True needs a partition to redraw, and layout='contiguous' has fixed "
+                "bands (only their order is redrawn every cycle): use layout='random' for a "
+                "fresh partition every cycle, or leave repartition unset (None)"
+            )
         if self.layers_per_phase is not None:
             if self.granularity != "layer":
                 raise ValueError("layers_per_phase is only used with granularity='layer'")
@@ -253,7 +261,7 @@ class MaskSchedule:
     def keys(self, key: jax.Array, phase: Phase) -> tuple[jax.Array, jax.Array]:
         """(partition key, key of the label that is active) for this phase."""
         cycle_key = jax.random.fold_in(key, phase.cycle)
-        partition_key = cycle_key if self.repartition else key
+        partition_key = key if self.repartition is False else cycle_key
         return (
             jax.random.fold_in(partition_key, _PARTITION),
             jax.random.fold_in(cycle_key, _ORDER),

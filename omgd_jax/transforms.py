@@ -54,7 +54,7 @@ def omgd_mask(
     layers_per_phase: int | None = None,
     layout: Layout = "contiguous",
     balance: Balance = "count",
-    repartition: bool = True,
+    repartition: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Masks the gradient with Omni-Masked Gradient Descent's traversal of disjoint masks.
 
@@ -99,8 +99,10 @@ def omgd_mask(
       layout: element granularity: ``"contiguous"`` bands in a random order (fast, and what
         the compact state of :func:`omgd` needs) or ``"random"`` (a hash partition).
       balance: tensor granularity: cut the permuted leaves by ``"count"`` or by ``"size"``.
-      repartition: draw a fresh partition every cycle (the paper's rule) or draw it once and
-        only reshuffle its order every cycle (the released code).
+      repartition: None (default): a fresh partition every cycle wherever the layout has
+        one to draw (random layout, tensor and layer granularity; contiguous bands are fixed,
+        their order redrawn every cycle); True: the same, refused for contiguous bands; False:
+        one partition drawn once, its order reshuffled every cycle (the released code).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` accepts the extra argument

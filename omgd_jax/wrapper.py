@@ -89,7 +89,7 @@ def omgd(
     layers_per_phase: int | None = None,
     layout: Layout = "contiguous",
     balance: Balance = "count",
-    repartition: bool = True,
+    repartition: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs ``inner`` only on OMGD's active share of the parameters.
 
@@ -151,8 +151,10 @@ def omgd(
       layout: element granularity: ``"contiguous"`` bands (compact needs them) or
         ``"random"`` (a hash partition; frozen only).
       balance: tensor granularity: cut the permuted leaves by ``"count"`` or by ``"size"``.
-      repartition: draw a fresh partition every cycle (the paper's rule) or only reshuffle
-        the order of a partition drawn once (the released code).
+      repartition: None (default): a fresh partition every cycle wherever the layout has
+        one to draw (random layout, tensor and layer granularity; contiguous bands are fixed,
+        their order redrawn every cycle); True: the same, refused for contiguous bands; False:
+        one partition drawn once, its order reshuffled every cycle (the released code).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an `OmgdCompactState` or an
@@ -210,7 +212,7 @@ def omgd_adamw(
     layers_per_phase: int | None = None,
     layout: Layout = "contiguous",
     balance: Balance = "count",
-    repartition: bool = True,
+    repartition: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW under OMGD: ``optax.adamw``'s arguments plus those of :func:`omgd`.
 
@@ -254,7 +256,10 @@ def omgd_adamw(
       layers_per_phase: gamma, the layers trained at once (layer granularity).
       layout: element granularity: ``"contiguous"`` or ``"random"`` (frozen only).
       balance: tensor granularity: ``"count"`` or ``"size"``.
-      repartition: a fresh partition every cycle, or one partition reshuffled.
+      repartition: None (default): a fresh partition every cycle wherever the layout has
+        one to draw (random layout, tensor and layer granularity; contiguous bands are fixed,
+        their order redrawn every cycle); True: the same, refused for contiguous bands; False:
+        one partition drawn once, its order reshuffled every cycle (the released code).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: ``optax.chain`` of the wrapped Adam with

@@ -1,5 +1,7 @@
 """Bad input: every case raises at once, with a sentence that names the problem."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -86,6 +88,10 @@ CASES = [
     ("active_layers of a plain Adam state",
      lambda: omgd_jax.active_layers(ADAM.init(stacked_tree())), ValueError,
      "must hold exactly one layer-wise compact OMGD state"),
+    ("repartition of fixed bands", lambda: omgd_jax.omgd_mask(2, repartition=True), ValueError,
+     "repartition=True needs a partition to redraw, and layout='contiguous' has fixed bands"),
+    ("repartition not a bool", lambda: omgd_jax.omgd(ADAM, 2, repartition=1), TypeError,
+     "repartition must be a bool, got 1"),
     ("galore rank 0", lambda: omgd_jax.galore(1e-3, rank=0), ValueError, "rank must be >= 1"),
 ]  # fmt: skip
 
@@ -110,3 +116,75 @@ def test_traced_sizes_name_static_args_in_jit():
 
     with pytest.raises(TypeError, match="steps_per_mask must be a Python int >= 1, got an array"):
         build(3)
+
+
+# ------------------------------------------------------------------ the GPT-2 example's cases
+def _snapshot(directory):
+    """Every file under ``directory`` with its bytes: what must survive a refused run."""
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A nano AdamW run of 2 steps with its checkpoint, and its data."""
+    import numpy as np
+
+    from examples.gpt2.train import train
+    from tests.examples.test_gpt2_train import _cfg
+
+    root = tmp_path_factory.mktemp("bad_input")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, 64, 4000, dtype=np.uint16).tofile(data / "train.bin")
+    rng.integers(0, 64, 1000, dtype=np.uint16).tofile(data / "val.bin")
+    out = root / "run"
+    train(_cfg(data, out, steps=2, eval_every=2, checkpoint_every=2))
+    return data, out
+
+
+def _example_cases():
+    import numpy as np
+
+    def empty(d):
+        (d / "train.bin").write_bytes(b"")
+        (d / "val.bin").write_bytes(b"")
+
+    def short(d):
+        np.arange(50, dtype=np.uint16).tofile(d / "train.bin")
+        np.arange(50, dtype=np.uint16).tofile(d / "val.bin")
+
+    return [
+        # (what, data preparation or None for the trained run's data, config, message)
+        ("missing corpus", "absent", dict(steps=1), "does not exist"),
+        ("empty corpus", empty, dict(steps=1), "is empty"),
+        ("corpus shorter than one batch", short, dict(steps=1), "fewer than one batch"),
+        ("resuming with a different preset", None,
+         dict(preset="tiny", block_size=32, steps=4, resume=True),
+         "preset: checkpoint 'nano' vs now 'tiny'"),
+        ("a checkpoint from another optimizer", None,
+         dict(optimizer="omgd-layer", steps=4, resume=True),
+         "optimizer: checkpoint 'adamw' vs now 'omgd-layer'"),
+        ("checkpoints without --resume", None, dict(steps=4), "already holds checkpoints"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "what, prepare, config, message", _example_cases(), ids=[c[0] for c in _example_cases()]
+)
+def test_the_example_refuses_with_a_sentence_and_keeps_the_files(
+    what, prepare, config, message, trained_run, tmp_path
+):
+    from examples.gpt2.train import train
+    from tests.examples.test_gpt2_train import _cfg
+
+    data, out = trained_run
+    if prepare is not None:
+        data = tmp_path / "data"
+        if prepare != "absent":
+            data.mkdir()
+            prepare(data)
+    before = _snapshot(out)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train(_cfg(data, out, **config))
+    assert _snapshot(out) == before  # nothing on disk lost or changed

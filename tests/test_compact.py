@@ -211,3 +211,32 @@ def test_compact_state_is_a_quarter_of_adams_on_gpt2():
     blocks = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["blocks"]))
     others = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) - blocks
     assert layer_bytes == pytest.approx(8 * (others + blocks / 4), rel=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    blocks=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 4)), min_size=1, max_size=3),
+    num_masks=st.integers(1, 5),
+)
+def test_sharded_windows_cut_every_block_and_tile_the_leaf(blocks, num_masks):
+    """Shard grid G: band `label` of every block's flattened coordinates (NumPy reference),
+    window shape (G_0 c, G_1, ...); the M windows written back tile the leaf."""
+    grid = tuple(g for g, _ in blocks)
+    shape = tuple(g * d for g, d in blocks)
+    x = jnp.arange(1, math.prod(shape) + 1, dtype=jnp.float32).reshape(shape)
+    k, n_b = len(shape), math.prod(d for _, d in blocks)
+    c = -(-n_b // num_masks)
+    # NumPy: the blocks in grid order, each flattened and zero-padded to M c.
+    split = np.asarray(x).reshape([v for g, d in blocks for v in (g, d)])
+    per_block = split.transpose(list(range(0, 2 * k, 2)) + list(range(1, 2 * k, 2)))
+    per_block = per_block.reshape(grid + (n_b,))
+    padded = np.concatenate([per_block, np.zeros(grid + (num_masks * c - n_b,))], axis=-1)
+    total = jnp.zeros(shape)
+    for label in range(num_masks):
+        window = compact.read_window(x, jnp.int32(label), num_masks, grid)
+        assert window.shape == compact.window_shape(shape, num_masks, grid)
+        assert window.shape == (grid[0] * c,) + grid[1:]
+        expect = np.moveaxis(padded[..., label * c : (label + 1) * c], k, 1)
+        np.testing.assert_array_equal(window, expect.reshape(window.shape))
+        total = total + compact.write_window(window, shape, jnp.int32(label), num_masks, grid)
+    np.testing.assert_array_equal(total, x)  # the bands tile the leaf

@@ -8,12 +8,14 @@ iterator's position, the run's identity (what must agree to resume) and the whol
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from examples.gpt2.config import Config
@@ -34,22 +36,41 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_empty(x) -> bool:
+    return math.prod(x.shape) == 0
+
+
 def keys_to_data(tree):
-    """Typed PRNG keys -> their uint32 key data (Orbax stores plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    """Typed PRNG keys -> their uint32 key data (Orbax stores plain arrays); empty arrays
+    (omgd_jax's shard grids, layer ids outside layer granularity) -> None (Orbax refuses them,
+    and their shape is all they hold)."""
+
+    def one(x):
+        if _is_empty(x):
+            return None
+        return jax.random.key_data(x) if _is_key(x) else x
+
+    return jax.tree.map(one, tree)
 
 
-def data_to_keys(tree, template):
+def data_to_keys(tree, template, shardings):
     """Inverse of keys_to_data, guided by an (abstract) template with the typed keys."""
-    return jax.tree.map(
-        lambda x, t: jax.random.wrap_key_data(x) if _is_key(t) else x, tree, template
-    )
+
+    def one(t, x, s):
+        if _is_empty(t):
+            return jnp.zeros(t.shape, t.dtype, device=s)
+        return jax.random.wrap_key_data(x) if _is_key(t) else x
+
+    return jax.tree.map(one, template, tree, shardings, is_leaf=lambda x: x is None)
 
 
 def _restore_target(abstract, shardings):
-    """Abstract arrays with their shardings, typed keys replaced by their key data."""
+    """Abstract arrays with their shardings, typed keys replaced by their key data, empty
+    arrays by None."""
 
     def one(x, s):
+        if _is_empty(x):
+            return None
         if _is_key(x):
             x = jax.eval_shape(jax.random.key_data, x)
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -68,6 +89,22 @@ class Checkpointer:
 
     def latest(self) -> int | None:
         return self.mngr.latest_step()
+
+    def steps(self) -> list[int]:
+        """The saved steps, newest first."""
+        return sorted(self.mngr.all_steps(), reverse=True)
+
+    def set_aside(self, step: int) -> Path:
+        """Moves the checkpoint of ``step`` out of the way (renamed ``<step>.unreadable``, not
+        deleted), so the run can save that step again."""
+        source = Path(self.mngr.directory) / str(step)
+        target = source.with_name(f"{step}.unreadable")
+        n = 1
+        while target.exists():
+            target, n = source.with_name(f"{step}.unreadable.{n}"), n + 1
+        source.rename(target)
+        self.mngr.reload()
+        return target
 
     def save(self, step: int, state, stage: str, cfg: Config, data_position: dict):
         """Saves `state` (a TrainState) at `step`, unless that step is saved already."""
@@ -98,17 +135,21 @@ class Checkpointer:
         out = self.mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         ).state
-        return type(abstract_state)(**data_to_keys(out, abstract_state._asdict()))
+        return type(abstract_state)(
+            **data_to_keys(out, abstract_state._asdict(), shardings._asdict())
+        )
 
     def close(self):
         self.mngr.wait_until_finished()
         self.mngr.close()
 
 
-def resume_point(ckpt: Checkpointer, cfg: Config, batches, verbose: bool) -> dict | None:
-    """The metadata of the checkpoint to resume from (`batches` moved to its data position),
-    or None for a fresh run. Refuses, with a sentence, checkpoints without --resume and
-    checkpoints of another run."""
+def resume_point(
+    ckpt: Checkpointer, cfg: Config, batches, verbose: bool, step: int | None = None
+) -> dict | None:
+    """The metadata of the checkpoint to resume from (the latest, or ``step``; `batches` moved
+    to its data position), or None for a fresh run. Refuses, with a sentence, checkpoints
+    without --resume and checkpoints of another run."""
     latest = ckpt.latest()
     if latest is not None and not cfg.resume:
         raise SystemExit(
@@ -119,7 +160,7 @@ def resume_point(ckpt: Checkpointer, cfg: Config, batches, verbose: bool) -> dic
         if cfg.resume and verbose:
             print(f"no checkpoint in {cfg.out_dir}: starting from step 0", file=sys.stderr)
         return None
-    meta = ckpt.meta(latest)
+    meta = ckpt.meta(latest if step is None else step)
     saved = meta["identity"]
     diff = {k: (saved.get(k), v) for k, v in run_identity(cfg).items() if saved.get(k) != v}
     if diff:

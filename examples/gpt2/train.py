@@ -400,7 +400,7 @@ def run(cfg: Config) -> dict:
 
     ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", cfg.keep)
     try:
-        meta = resume_point(ckpt, cfg, batches, verbose=jax.process_index() == 0)
+        meta, state = restore_latest_readable(ckpt, cfg, batches, by_name)
         if meta is None:  # a fresh run
             step, stage = 0, by_name[stage_at(cfg, 0)]
             make_params = functools.partial(init_params, mcfg, cfg.seed)
@@ -408,10 +408,47 @@ def run(cfg: Config) -> dict:
             state = TrainState(params, stage.init(params))
         else:
             step, stage = meta["step"], by_name[meta["stage"]]
-            state = ckpt.restore(step, stage.abstract, stage.shardings)
         return loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt)
     finally:
         ckpt.close()
+
+
+def restore_latest_readable(ckpt, cfg: Config, batches, by_name) -> tuple[dict | None, Any]:
+    """(metadata, TrainState) of the newest checkpoint that reads back whole, or (None, None).
+
+    An unreadable checkpoint (truncated or corrupted files) is reported, renamed
+    ``<step>.unreadable`` (kept for the user, out of the run's way) and the next older one is
+    tried; a checkpoint of another run is refused (`resume_point`) as before.
+    """
+    verbose = jax.process_index() == 0
+    candidates = ckpt.steps() if cfg.resume else [None]
+    for n, step in enumerate(candidates or [None]):
+        meta = None
+        try:
+            meta = resume_point(ckpt, cfg, batches, verbose=verbose, step=step)
+            if meta is None:
+                return None, None
+            stage = by_name[meta["stage"]]
+            return meta, ckpt.restore(meta["step"], stage.abstract, stage.shardings)
+        except SystemExit:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read the files
+            older = candidates[n + 1] if n + 1 < len(candidates) else None
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else repr(e)
+            moved = ckpt.set_aside(step) if jax.process_index() == 0 else None
+            if verbose:
+                then = f"resuming from step {older}" if older is not None else "starting afresh"
+                print(
+                    f"warning: the checkpoint of step {step} in {cfg.out_dir} cannot be read "
+                    f"({reason}); it is kept as {moved}; {then}",
+                    file=sys.stderr,
+                )
+    if cfg.resume and candidates:
+        raise SystemExit(
+            f"error: no readable checkpoint in {cfg.out_dir} (unreadable ones were renamed "
+            "*.unreadable); remove --resume to start afresh"
+        )
+    return None, None
 
 
 def loop(cfg, by_name, stage, state, step, batches, feed, val_loss, ckpt) -> dict:

@@ -5,7 +5,8 @@ Figures asserted here (8 CPU devices, mesh axis "fsdp"):
 * element compact, M = 4: per-device state bytes <= 1/4 of sharded AdamW's + 64 B of scalars;
 * layer compact, gamma = 2 of 4 layers: per-device block state exactly 1/2 of sharded AdamW's;
 * every transformation of the library, jitted, data parallel and FSDP == one device, rtol 1e-5
-  (float32 reductions in another order; SVD-based ones rtol 1e-4).
+  atol 1e-6 (float32 reductions in another order; SVD-based ones rtol 1e-4 atol 1e-5); the lean
+  step with a batch-sharded loss: rtol 1e-4 atol 1e-4. Run under XLA -O0 (faster compiles).
 """
 
 from __future__ import annotations
@@ -257,7 +258,9 @@ def test_lean_step_on_eight_devices_equals_one_device():
         for _ in range(4):
             params, state, value = step(params, state, batch)
         out.append(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *out)
+    # atol 1e-4 (a hundredth of one step of lr 1e-2): Adam divides by sqrt(v), which amplifies
+    # the reduction-order noise of near-zero gradients of the batch-sharded loss.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *out)
 
 
 # ---------------------------------------------------- nnx.eval_shape(nnx.Optimizer(...)) on a mesh
@@ -287,3 +290,16 @@ def test_nnx_eval_shape_of_an_optimizer_under_a_mesh(name, tx):
         concrete = nnx.Optimizer(model, tx, wrt=nnx.Param)
     shapes = lambda o: [x.shape for x in jax.tree.leaves(nnx.state(o, nnx.OptState))]
     assert shapes(abstract) == shapes(concrete)
+
+
+def test_example_batch_not_divisible_by_the_devices_is_refused(tmp_path):
+    from examples.gpt2.train import train
+    from tests.examples.test_gpt2_train import _cfg
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.arange(4000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "train.bin")
+    np.arange(1000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(data / "val.bin")
+    with pytest.raises(SystemExit, match="--batch-size 4 is not divisible by the 8 devices"):
+        train(_cfg(data, tmp_path / "out", steps=1, batch_size=4))
+    assert not (tmp_path / "out").exists()  # nothing written
