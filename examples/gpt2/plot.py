@@ -26,10 +26,17 @@ def run_label(run_dir: str | Path) -> str:
         return Path(run_dir).name
     c = json.loads(path.read_text())
     label = f"{c['preset']} {c['optimizer']}"
-    if c["optimizer"] in ("omgd-layer", "lisa"):
+    opt = c["optimizer"]
+    if opt in ("omgd-layer", "lisa", "lisa-wor-noscale"):
         label += f" (gamma={c['layers_per_phase']}, K={c['steps_per_mask']}, {c['omgd_state']})"
-    elif c["optimizer"] != "adamw":
+    elif opt in ("omgd-element", "omgd-tensor"):
         label += f" (M={c['num_masks']}, K={c['steps_per_mask']}, {c['omgd_state']})"
+    elif opt in ("galore", "golore", "mofasgd") and "rank" in c:
+        label += f" (r={c['rank']})"
+    elif opt == "sift" and "sparse_rate" in c:
+        label += f" (rate={c['sparse_rate']})"
+    elif opt.startswith(("skip-update", "magma")) and "keep_prob" in c:
+        label += f" (p={c['keep_prob']})"
     return label
 
 

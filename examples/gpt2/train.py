@@ -42,8 +42,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from examples.gpt2.checkpoint import Checkpointer, SigtermFlag, resume_point
-from examples.gpt2.config import Config, ConfigError, build_parser, finalize
 import omgd_jax
+from examples.gpt2.config import Config, ConfigError, build_parser, finalize
 from examples.gpt2.model import GPT, GPTConfig, get_config, loss_fn
 from examples.gpt2.optimizers import (
     BLOCKS,
@@ -56,6 +56,11 @@ from examples.gpt2.optimizers import (
 )
 
 # ----------------------------------------------------------------------------- model
+
+
+def model_config(cfg: Config) -> GPTConfig:
+    """The network a (finalized) run trains: its preset with --dtype, --remat, --vocab-size."""
+    return get_config(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, vocab_size=cfg.vocab_size)
 
 
 def init_params(mcfg: GPTConfig, seed: int):
@@ -95,7 +100,8 @@ def open_data(cfg: Config, vocab_size: int):
         if top >= vocab_size:
             raise SystemExit(
                 f"error: {ds.path} holds token id {top}, beyond the model's vocabulary "
-                f"of {vocab_size}; was it tokenized with GPT-2's BPE?"
+                f"of {vocab_size}; was it tokenized with GPT-2's BPE (or bytes: --preset "
+                "small-bytes / --vocab-size 256)?"
             )
     return train_ds, val_ds, it
 
@@ -384,7 +390,7 @@ def run(cfg: Config) -> dict:
                 f"error: --batch-size {cfg.batch_size} is not divisible by the {n} {what}"
             )
     # Model and optimizer stages: abstract first (shapes only), materialised with their shardings.
-    mcfg = get_config(cfg.preset, dtype=cfg.dtype, remat=cfg.remat)
+    mcfg = model_config(cfg)
     graphdef, abstract_params = abstract_model(mcfg, cfg.seed)
     by_name = {s: compile_stage(cfg, s, graphdef, abstract_params, mesh) for s in stages(cfg)}
     _, val_data, batches = open_data(cfg, mcfg.vocab_size)
