@@ -50,9 +50,7 @@ def two_stage(cfg: Config) -> bool:
     """Compact OMGD state: plain AdamW for warmup_masks steps, then the OMGD optimizer.
 
     Only the OMGD / LISA family warms up; the other methods run their own rule from step 0."""
-    return (
-        cfg.optimizer in OMGD_OPTIMIZERS and cfg.omgd_state == "compact" and cfg.warmup_masks > 0
-    )
+    return cfg.optimizer in OMGD_OPTIMIZERS and cfg.omgd_state == "compact" and cfg.warmup_masks > 0
 
 
 def stages(cfg: Config) -> list[str]:

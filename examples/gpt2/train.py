@@ -41,8 +41,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from examples.gpt2.checkpoint import Checkpointer, SigtermFlag, resume_point
 import omgd_jax
+from examples.gpt2.checkpoint import Checkpointer, SigtermFlag, resume_point
 from examples.gpt2.config import Config, ConfigError, build_parser, finalize
 from examples.gpt2.model import GPT, GPTConfig, get_config, loss_fn
 from examples.gpt2.optimizers import (

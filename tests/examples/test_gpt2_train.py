@@ -18,7 +18,7 @@ import pytest
 
 import omgd_jax
 from examples.gpt2 import optimizers
-from examples.gpt2.config import Config, build_parser, finalize
+from examples.gpt2.config import Config, ConfigError, build_parser, finalize
 from examples.gpt2.model import PRESETS, get_config
 from examples.gpt2.optimizers import tree_bytes
 from examples.gpt2.train import abstract_model, main, train
@@ -108,6 +108,63 @@ def test_thirty_steps_lower_the_loss(data_dir, tmp_path, optimizer, extra):
         assert others <= s["opt_state_bytes"] - s["opt_state_blocks_bytes"] < others + 64
     else:
         assert full <= s["opt_state_bytes"] < 1.01 * full
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "lisa-wor-noscale",
+        "galore",
+        "golore",
+        "sift",
+        "skip-update",
+        "skip-update-wor",
+        "magma",
+        "magma-wor",
+        "mofasgd",
+    ],  # fmt: skip
+)
+def test_every_other_method_lowers_the_loss_in_twelve_steps(data_dir, tmp_path, optimizer):
+    """Each --optimizer trains the example (its own rule from step 0); state as it promises."""
+    kw = dict(optimizer=optimizer, steps=12, warmup_masks=0, eval_every=12, checkpoint_every=12,
+              lr_decay_steps=12, rank=4, proj_gap=4)  # fmt: skip
+    s = train(_cfg(data_dir, tmp_path, **kw))
+    steps, losses = _losses(tmp_path)
+    assert steps == list(range(1, 13)) and s["stage"] == "omgd"
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+    assert np.isfinite(s["val_loss"]) and s["val_loss"] < losses[0]
+    full = 2 * s["param_bytes"]  # AdamW: two moments per parameter
+    blocks = tree_bytes(s["params"], under="blocks")
+    if optimizer in ("galore", "golore", "sift", "mofasgd"):  # less state on the block matrices
+        assert s["opt_state_bytes"] < full - blocks
+    elif optimizer.startswith(("skip-update", "magma")):  # dense moments + keys and scores
+        assert full <= s["opt_state_bytes"] < 1.01 * full
+    else:  # lisa-wor-noscale: compact layer state, gamma = 1 of the 2 blocks
+        assert s["opt_state_blocks_bytes"] == blocks
+
+
+def test_method_optimizers_map_to_the_library():
+    """The Config fields reach the library's arguments (read back from the states)."""
+    import optax
+
+    def state_of(**c):
+        cfg = finalize(Config(preset="nano", **c))
+        params = abstract_model(get_config("nano"))[1]
+        return jax.eval_shape(optimizers.make_optimizer(cfg, "omgd").init, params)
+
+    # galore: rank 4 projectors for every block kernel, [N_L, m, r] (m = 32: the smaller side)
+    proj = optax.tree.get(state_of(optimizer="galore", rank=4), "galore_projector")
+    assert proj["blocks"]["attn"]["c_attn"]["kernel"].shape == (2, 32, 4)
+    assert proj["wte"]["embedding"] is None or not hasattr(proj["wte"]["embedding"], "shape")
+    # sift: 20% of each block row-stack, per layer
+    idx = optax.tree.get(state_of(optimizer="sift", sparse_rate=0.2), "sift_indices")
+    assert idx["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, round(0.2 * 32 * 128))
+    # mofasgd: rank 4 factors of the 4 block kernels, nothing else
+    u = optax.tree.get(state_of(optimizer="mofasgd", rank=4), "mofasgd_u")
+    assert [x.shape for x in u if x is not None] == [(2, 32, 4)] * 3 + [(2, 128, 4)]
+    assert finalize(Config(preset="small-bytes", optimizer="galore")).rank == 32  # n_embd / 4
+    with pytest.raises(ConfigError, match="--rank must be positive, got 0"):
+        finalize(Config(preset="nano", optimizer="galore", rank=0))
 
 
 @pytest.mark.parametrize("optimizer", ["omgd-layer", "lisa"])
