@@ -274,6 +274,30 @@ def compile_stage(cfg: Config, name: str, graphdef, abstract_params, mesh) -> St
     return Stage(name, abstract, shardings, step, init)
 
 
+def memory_summary(compiled) -> dict:
+    """Bytes of a compiled step (`jax.stages.Compiled.memory_analysis()`): argument, temp, output,
+    alias, and `peak_bytes` = argument + temp (the outputs alias the donated state)."""
+    m = compiled.memory_analysis()
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+    }
+    out["peak_bytes"] = out["argument_bytes"] + out["temp_bytes"]
+    return out
+
+
+def step_memory(cfg: Config) -> dict:
+    """Compiled memory of one train step of a finalized run in its last stage (the masking one
+    for OMGD / LISA: the lean step where it applies), from abstract inputs; nothing allocated."""
+    mcfg = model_config(cfg)
+    graphdef, abstract_params = abstract_model(mcfg, cfg.seed)
+    stage = compile_stage(cfg, stages(cfg)[-1], graphdef, abstract_params, make_mesh())
+    x = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.block_size), jnp.int32)
+    return memory_summary(stage.step.lower(stage.abstract, x, x).compile())
+
+
 # ----------------------------------------------------------------------------- logging
 
 
