@@ -7,6 +7,7 @@ exits with a sentence; metrics, plot and demo plumbing.
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -154,11 +155,16 @@ def test_method_optimizers_map_to_the_library():
 
     # galore: rank 4 projectors for every block kernel, [N_L, m, r] (m = 32: the smaller side)
     proj = optax.tree.get(state_of(optimizer="galore", rank=4), "galore_projector")
-    assert proj["blocks"]["attn"]["c_attn"]["kernel"].shape == (2, 32, 4)
-    assert proj["wte"]["embedding"] is None or not hasattr(proj["wte"]["embedding"], "shape")
-    # sift: 20% of each block row-stack, per layer
+    kernels = [
+        f"blocks/{m}/kernel" for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
+    ]
+    assert {
+        "/".join(str(getattr(k, "key", k)) for k in path): x.shape
+        for path, x in jax.tree_util.tree_flatten_with_path(proj)[0]
+    } == dict.fromkeys(kernels, (2, 32, 4))  # nothing for embeddings, norms, biases
+    # sift: ceil(20%) of each block matrix, per layer
     idx = optax.tree.get(state_of(optimizer="sift", sparse_rate=0.2), "sift_indices")
-    assert idx["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, round(0.2 * 32 * 128))
+    assert idx["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, math.ceil(0.2 * 32 * 128))
     # mofasgd: rank 4 factors of the 4 block kernels, nothing else
     u = optax.tree.get(state_of(optimizer="mofasgd", rank=4), "mofasgd_u")
     assert [x.shape for x in u if x is not None] == [(2, 32, 4)] * 3 + [(2, 128, 4)]
@@ -364,11 +370,20 @@ def test_plot_and_demo(data_dir, tmp_path, monkeypatch, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert [r[0] for r in rows] == ["adamw", "omgd-layer"] and "opt state MiB" in out
-    assert rows[1][3] < 0.6 * rows[0][3]  # block state: gamma = 1 of 2 layers (compact)
-    png = tmp_path / "loss.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = plot_runs([tmp_path / "adamw", tmp_path / "omgd-layer"], tmp_path / "again.png")
+    assert [r["optimizer"] for r in rows] == ["adamw", "lisa", "omgd-layer"]
+    assert "peak step MiB" in out and "opt state MiB" in out
+    adamw, lisa, omgd = rows
+    for r in (lisa, omgd):  # block state: gamma = 1 of 2 layers (compact)
+        assert r["opt_state_blocks_bytes"] == adamw["opt_state_blocks_bytes"] // 2
+        assert r["opt_state_bytes"] < adamw["opt_state_bytes"]
+        # the lean step holds gradients and moments for 1 of the 2 blocks only
+        assert r["peak_bytes"] < adamw["peak_bytes"]
+    for r in rows:
+        assert np.isfinite(r["val_loss"]) and r["peak_bytes"] > r["opt_state_bytes"]
+        assert f"{r['val_loss']:.4f}" in out
+    for png in ("loss.png", "pareto.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = plot_runs([tmp_path / "adamw", tmp_path / "lisa"], tmp_path / "again.png")
     assert again.stat().st_size > 10_000
 
 
