@@ -9,8 +9,9 @@
    no scale) and OMGD-layer (LISA-wor: the 4 blocks walked without replacement, scale on), both
    with compact state and the lean step after 50 AdamW steps;
 3. prints per method the final validation loss, the peak compiled memory of one train step
-   (arguments + temporaries, `memory_analysis()`), the optimizer-state bytes (the state pytree)
-   and the wall time, and writes runs/demo/loss.png (loss curves) and runs/demo/pareto.png
+   (arguments + temporaries, `memory_analysis()`; every block's activations recomputed in the
+   backward pass for all three, `--no-remat` keeps them), the optimizer-state bytes (the state
+   pytree) and the wall time, and writes runs/demo/loss.png (loss curves) and runs/demo/pareto.png
    (validation loss against step memory).
 
 benchmarks/compare.py runs every method of the paper and the seeds (GaLore, GoLore, SIFT,
@@ -53,6 +54,13 @@ def main(argv=None):
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--data", default="data/sotu-bytes")
     p.add_argument("--preset", default="small-bytes")
+    p.add_argument(
+        "--no-remat",
+        dest="remat",
+        action="store_false",
+        help="keep every block's activations (default: recompute them in the backward pass, for "
+        "all three methods alike)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -75,6 +83,7 @@ def main(argv=None):
             steps=a.steps,
             progress=a.progress,
             tensorboard=False,
+            remat=a.remat,
         )
         if a.steps is not None:  # keep a few evaluations and the OMGD warm-up inside short runs
             cfg.eval_every = max(1, a.steps // 4)
