@@ -16,8 +16,27 @@ from typing import Literal
 
 from examples.gpt2.model import PRESETS
 
-Optimizer = Literal["adamw", "omgd-layer", "lisa", "omgd-element", "omgd-tensor"]
+Optimizer = Literal[
+    "adamw",
+    "omgd-layer",
+    "lisa",
+    "lisa-wor-noscale",
+    "omgd-element",
+    "omgd-tensor",
+    "galore",
+    "golore",
+    "sift",
+    "skip-update",
+    "skip-update-wor",
+    "magma",
+    "magma-wor",
+    "mofasgd",
+]
 OPTIMIZERS = typing.get_args(Optimizer)
+# Layer-wise: whole transformer blocks masked (gamma of them trained per phase; the lean step).
+LAYER_OPTIMIZERS = ("omgd-layer", "lisa", "lisa-wor-noscale")
+# The OMGD mask family (omgd_jax.omgd_adamw): --num-masks, --steps-per-mask, --omgd-state, ...
+OMGD_OPTIMIZERS = (*LAYER_OPTIMIZERS, "omgd-element", "omgd-tensor")
 
 
 LAYER_OPTIMIZERS = ("omgd-layer", "lisa")  # mask whole transformer blocks
@@ -47,6 +66,9 @@ class Config:
     batch_size: int | None = option(None, "global micro-batch (sequences, all devices and hosts)")
     grad_accum: int | None = option(None, "micro-batches per optimizer step")
     block_size: int | None = option(None, "sequence length (default: the preset's context)")
+    vocab_size: int | None = option(
+        None, "vocabulary of the model (default: the preset's; 256 for byte-level data)"
+    )
     dtype: Literal["float32", "bfloat16"] = option(
         "float32", "compute dtype; parameters and optimizer state stay float32"
     )
@@ -66,17 +88,34 @@ class Config:
         None, "gamma: layers trained per phase (omgd-layer, lisa)"
     )
     steps_per_mask: int | None = option(None, "K: optimizer steps each mask is held")
-    warmup_masks: int | None = option(None, "full-gradient AdamW steps before masking starts")
+    warmup_masks: int | None = option(
+        None, "full-gradient AdamW steps before masking starts (the OMGD / LISA optimizers)"
+    )
     omgd_state: Literal["compact", "frozen"] | None = option(
         None,
         "compact: state for the active share only; frozen: full state, inactive kept "
         "(default: compact; omgd-tensor: frozen)",
     )
-    mask_seed: int | None = option(None, "seed of the mask schedule (default: --seed)")
+    mask_seed: int | None = option(
+        None, "seed of the masks / projectors of every randomised optimizer (default: --seed)"
+    )
     lean: bool = option(
         True,
         "omgd-layer / lisa with compact state: differentiate, store and update only the active "
         "blocks (omgd_jax.lean_train_step); --no-lean takes the dense gradient",
+    )
+    # the other methods (SPEC 2, 3): GaLore / GoLore, SIFT, SkipUpdate / Magma, MoFaSGD
+    rank: int | None = option(
+        None, "rank r of galore, golore and mofasgd (default: the preset's, n_embd / 4)"
+    )
+    proj_gap: int | None = option(None, "galore / golore: steps between projector refreshes (T)")
+    galore_scale: float = option(0.25, "galore / golore: alpha, the scale of the update")
+    svd_steps: int = option(0, "golore: SVD projectors for this many steps, random ones after")
+    sparse_rate: float = option(0.2, "sift: the share of every block matrix that is trained")
+    keep_prob: float = option(0.5, "skip-update / magma: p, the keep probability of a matrix")
+    magma_tau: float = option(2.0, "magma: tau, the temperature of the alignment score")
+    lowrank_lr_scale: float = option(
+        10.0, "mofasgd: learning rate of the factored matrices = this x --lr (AdamW's: --lr)"
     )
     # bookkeeping
     eval_every: int | None = option(None)
@@ -110,6 +149,7 @@ PRESET_DEFAULTS: dict[str, dict] = {
         eval_every=1000,
         eval_iters=100,
         checkpoint_every=1000,
+        proj_gap=200,
     ),
     # 2 CPU cores, a few minutes: 8 x 64 tokens a step, gamma 1 of 4 layers, K = 20, masks
     # after 50 steps (the 50304-wide tied head dominates the cost of a step here).
@@ -127,6 +167,7 @@ PRESET_DEFAULTS: dict[str, dict] = {
         eval_every=50,
         eval_iters=8,
         checkpoint_every=100,
+        proj_gap=50,
     ),
     # Tests and smoke runs: 2 layers of width 32, gamma 1 of 2, K = 5, masks after 5 steps.
     "nano": dict(
@@ -143,6 +184,25 @@ PRESET_DEFAULTS: dict[str, dict] = {
         eval_every=10,
         eval_iters=2,
         checkpoint_every=10,
+        proj_gap=5,
+    ),
+    # Byte-level SOTU (`--data data/sotu-bytes`): the tiny recipe on a model whose blocks hold
+    # most parameters and FLOPs (benchmarks/compare.py, `make demo`).
+    "small-bytes": dict(
+        steps=300,
+        batch_size=8,
+        grad_accum=1,
+        block_size=128,
+        lr=2e-3,
+        min_lr=2e-4,
+        lr_warmup=20,
+        layers_per_phase=1,
+        steps_per_mask=20,
+        warmup_masks=50,
+        eval_every=50,
+        eval_iters=8,
+        checkpoint_every=100,
+        proj_gap=50,
     ),
 }
 
@@ -165,16 +225,20 @@ def finalize(cfg: Config) -> Config:
     model = PRESETS[cfg.preset]
     derived = dict(  # unless the preset says otherwise
         block_size=model.block_size,
+        vocab_size=model.vocab_size,
+        lr_decay_steps=cfg.steps or PRESET_DEFAULTS[cfg.preset]["steps"],
         mask_seed=cfg.seed,
         omgd_state="frozen" if cfg.optimizer == "omgd-tensor" else "compact",
+        rank=max(1, model.n_embd // 4),
     )
     defaults = {**derived, **PRESET_DEFAULTS[cfg.preset]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    if cfg.lr_decay_steps is None:
-        cfg.lr_decay_steps = cfg.steps
-    positive = ("steps", "batch_size", "grad_accum", "block_size", "eval_every", "eval_iters",
-                "log_every", "checkpoint_every", "keep")  # fmt: skip
+    positive = ("steps", "batch_size", "grad_accum", "block_size", "vocab_size", "eval_every",
+                "eval_iters", "log_every", "checkpoint_every", "keep")  # fmt: skip
     for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{flag_of(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("rank", "proj_gap"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{flag_of(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.warmup_masks < 0:

@@ -14,10 +14,15 @@ document and writes ``train.bin``/``val.bin`` as flat native-endian ``uint16`` a
 the format of nanoGPT's ``data/openwebtext/prepare.py``, plus a small ``meta.json``. Data
 prepared by nanoGPT loads here (``meta.json`` is optional) and ours loads in nanoGPT.
 
+With ``--tokenizer bytes`` the tokens are the UTF-8 bytes of the text instead (vocabulary 256, as
+nanoGPT's character-level ``shakespeare_char``) and the document separator is byte 0 (NUL, absent
+from the corpora): same files, same format, for the "small-bytes" preset, whose transformer blocks
+hold most of the parameters (``ByteEncoding``).
+
 Loading the prepared splits is ``loader.py``'s job (it also defines the format's constants).
 
 CLI: ``python -m examples.gpt2.data --source {sotu,text,openwebtext} [--path P]
-[--out-dir DIR] [--val-fraction F] [--seed S]``.
+[--tokenizer {gpt2,bytes}] [--out-dir DIR] [--val-fraction F] [--seed S]``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from examples.gpt2 import fetch
 from examples.gpt2.loader import DEFAULT_SEED, FORMAT, META_FILE, SPLITS, TOKEN_DTYPE, read_meta
 
 SOURCES = ("sotu", "text", "openwebtext")
+TOKENIZERS = ("gpt2", "bytes")
 TEXT_SUFFIXES = (".txt", ".md")
 DEFAULT_VAL_FRACTION = 0.05
 MIN_VAL_FRACTION = 0.0
@@ -55,6 +61,31 @@ class Document:
     doc_id: str
     text: str
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ByteEncoding:
+    """Byte-level tokens with the part of ``tiktoken.Encoding``'s interface that ``prepare``
+    uses: a text's tokens are its UTF-8 bytes, ``eot_token`` 0 (NUL) ends every document."""
+
+    name = "bytes"
+    n_vocab = 256
+    eot_token = 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def get_encoding(tokenizer: str) -> tiktoken.Encoding | ByteEncoding:
+    """The encoding named by ``--tokenizer``: GPT-2's BPE (fetched once) or ``ByteEncoding``."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"--tokenizer {tokenizer!r} is unknown; allowed: {', '.join(TOKENIZERS)}.")
+    return ByteEncoding() if tokenizer == "bytes" else fetch.get_gpt2_encoding()
 
 
 # --- corpora ----------------------------------------------------------------------------------
@@ -245,7 +276,7 @@ def prepare(
     source_path: str | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = DEFAULT_SEED,
-    enc: tiktoken.Encoding | None = None,
+    enc: tiktoken.Encoding | ByteEncoding | None = None,
     progress: bool = True,
     batch_docs: int = 64,
 ) -> dict[str, Any]:
@@ -254,7 +285,8 @@ def prepare(
 
     Each split is the concatenation, in document-index order, of
     ``enc.encode_ordinary(doc.text) + [enc.eot_token]``. ``meta.json`` is removed first and
-    written last, so its presence marks a complete preparation. ``enc`` defaults to GPT-2."""
+    written last, so its presence marks a complete preparation. ``enc`` defaults to GPT-2;
+    ``ByteEncoding()`` writes byte-level tokens."""
     enc = fetch.get_gpt2_encoding() if enc is None else enc
     if enc.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise ValueError(f"Encoding {enc.name!r} has {enc.n_vocab} tokens; uint16 holds 65536.")
@@ -300,7 +332,7 @@ def prepare_source(
     path: str | os.PathLike[str] | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = DEFAULT_SEED,
-    enc: tiktoken.Encoding | None = None,
+    enc: tiktoken.Encoding | ByteEncoding | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """``read_documents(source, path)`` then ``prepare(...)``; returns the metadata."""
@@ -317,7 +349,7 @@ def ensure_prepared(
     path: str | os.PathLike[str] | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = DEFAULT_SEED,
-    enc: tiktoken.Encoding | None = None,
+    enc: tiktoken.Encoding | ByteEncoding | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Reuse ``out_dir`` if its ``meta.json`` matches this recipe (source, path, val_fraction,
@@ -370,7 +402,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument("--path", default=None, help="a .txt/.md file or folder (--source text)")
-    parser.add_argument("--out-dir", default=None, help="output folder (default: data/<source>)")
+    parser.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        choices=TOKENIZERS,
+        help="gpt2: GPT-2's BPE (default); bytes: UTF-8 bytes, vocabulary 256",
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="output folder (default: data/<source>, data/<source>-bytes with --tokenizer bytes)",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -380,10 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    out_dir = args.out_dir if args.out_dir is not None else os.path.join("data", args.source)
+    default_dir = args.source + ("-bytes" if args.tokenizer == "bytes" else "")
+    out_dir = args.out_dir if args.out_dir is not None else os.path.join("data", default_dir)
     try:
         meta = prepare_source(args.source, out_dir, path=args.path,
                               val_fraction=args.val_fraction, seed=args.seed,
+                              enc=get_encoding(args.tokenizer),
                               progress=not args.no_progress)  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")

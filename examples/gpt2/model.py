@@ -62,6 +62,10 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
     # For tests and smoke runs: a step takes tens of milliseconds on a CPU.
     "nano": GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32),
+    # Byte-level tokens (vocab 256, as nanoGPT's shakespeare_char): the 4 blocks hold 94% of the
+    # parameters and nearly all the FLOPs, so layer-wise methods are really tested (benchmarks/
+    # compare.py, `make demo`). Data: `python -m examples.gpt2.data --tokenizer bytes`.
+    "small-bytes": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=256),
 }
 
 

@@ -1,4 +1,6 @@
-"""The GPT-2 example's optimizers: AdamW (nanoGPT's recipe), OMGD (layer / element / tensor), LISA.
+"""The GPT-2 example's optimizers: AdamW (nanoGPT's recipe), OMGD (layer / element / tensor), LISA
+(i.i.d. and without replacement, unscaled), GaLore, GoLore, SIFT, SkipUpdate and Magma (i.i.d. and
+without replacement), MoFaSGD.
 
 One definition serves the training program and the benchmarks (`benchmarks/`):
 
@@ -7,7 +9,8 @@ One definition serves the training program and the benchmarks (`benchmarks/`):
 * `stages` / `stage_at`: with compact OMGD state and `--warmup-masks` > 0 a run trains plain AdamW
   first, then switches to the OMGD optimizer (stage "adamw", then "omgd");
 * `make_optimizer(cfg, stage)`: clip_by_global_norm -> `base_optimizer(cfg, stage)`, AdamW or
-  OMGD-wrapped AdamW;
+  the chosen method (`method_optimizer`), with AdamW's betas, eps, weight decay and decay mask
+  wherever the method has them;
 * `tree_bytes`: the bytes a state pytree holds (how every memory figure here is measured).
 """
 
@@ -20,9 +23,10 @@ import jax.numpy as jnp
 import optax
 
 import omgd_jax
-from examples.gpt2.config import LAYER_OPTIMIZERS, Config
+from examples.gpt2.config import LAYER_OPTIMIZERS, OMGD_OPTIMIZERS, Config
 
 BLOCKS = r"^blocks/"  # the stacked transformer blocks' key paths
+BLOCK_MATRICES = r"^blocks/.*/kernel$"  # their weight matrices, [N_L, m, n]: what GaLore projects
 
 
 def decay_mask(params):
@@ -43,8 +47,10 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
 
 
 def two_stage(cfg: Config) -> bool:
-    """Compact OMGD state: plain AdamW for warmup_masks steps, then the OMGD optimizer."""
-    return cfg.optimizer != "adamw" and cfg.omgd_state == "compact" and cfg.warmup_masks > 0
+    """Compact OMGD state: plain AdamW for warmup_masks steps, then the OMGD optimizer.
+
+    Only the OMGD / LISA family warms up; the other methods run their own rule from step 0."""
+    return cfg.optimizer in OMGD_OPTIMIZERS and cfg.omgd_state == "compact" and cfg.warmup_masks > 0
 
 
 def stages(cfg: Config) -> list[str]:
@@ -68,6 +74,8 @@ def omgd_kwargs(cfg: Config) -> dict:
         kw.update(granularity="layer", layers=BLOCKS, layers_per_phase=cfg.layers_per_phase)
         if cfg.optimizer == "lisa":
             kw.update(traversal="iid", scale=False)
+        elif cfg.optimizer == "lisa-wor-noscale":
+            kw.update(scale=False)
     else:
         kw.update(granularity=cfg.optimizer.removeprefix("omgd-"), num_masks=cfg.num_masks)
     if cfg.omgd_state == "frozen":
@@ -83,7 +91,7 @@ def adamw_kwargs(cfg: Config) -> dict:
 
 
 def base_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:
-    """AdamW (stage 'adamw') or OMGD-wrapped AdamW (stage 'omgd'), without the clipping.
+    """AdamW (stage 'adamw') or the chosen method (stage 'omgd'), without the clipping.
 
     Raises the library's ValueError / TypeError for settings it refuses.
     """
@@ -94,7 +102,46 @@ def base_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:
     if two_stage(cfg):  # the OMGD optimizer starts counting at the switch
         shift = cfg.warmup_masks
         lr = lambda t: sched(t + shift)
-    return omgd_jax.omgd_adamw(lr, **adamw_kwargs(cfg), **omgd_kwargs(cfg))
+    return method_optimizer(cfg, lr)
+
+
+def method_optimizer(cfg: Config, lr: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer named by --optimizer (not "adamw") with learning-rate schedule `lr`.
+
+    Every method keeps AdamW's betas, eps, weight decay and decay mask where it has them; the
+    per-method settings are Config fields (--rank, --proj-gap, --sparse-rate, --keep-prob, ...).
+    Matrices are the blocks' kernels (stacked [N_L, m, n], one per layer) for GaLore, GoLore and
+    SIFT, and omgd_jax's default rule (the same kernels) for SkipUpdate, Magma and MoFaSGD;
+    embeddings, norms and biases train with dense AdamW.
+    """
+    name, adam = cfg.optimizer, adamw_kwargs(cfg)
+    b1, b2, eps, wd = adam["b1"], adam["b2"], adam["eps"], adam["weight_decay"]
+    key = cfg.mask_seed
+    if name in OMGD_OPTIMIZERS:
+        return omgd_jax.omgd_adamw(lr, **adam, **omgd_kwargs(cfg))
+    if name in ("galore", "golore"):
+        kw = dict(rank=cfg.rank, update_proj_gap=cfg.proj_gap, scale=cfg.galore_scale,
+                  matrices=BLOCK_MATRICES, b1=b1, b2=b2, eps=eps, weight_decay=wd,
+                  mask=decay_mask)  # fmt: skip
+        if name == "golore":
+            return omgd_jax.golore(lr, svd_steps=cfg.svd_steps, key=key, **kw)
+        return omgd_jax.galore(lr, **kw)
+    if name == "sift":
+        return omgd_jax.sift(lr, cfg.sparse_rate, selected=BLOCK_MATRICES, layers=BLOCKS,
+                             b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)  # fmt: skip
+    if name.startswith(("skip-update", "magma")):
+        traversal = "wor" if name.endswith("-wor") else "iid"
+        kw = dict(b1=b1, b2=b2, eps=eps, weight_decay=wd, decay_mask=decay_mask, key=key,
+                  traversal=traversal)  # fmt: skip
+        if name.startswith("magma"):
+            return omgd_jax.magma_adamw(lr, cfg.keep_prob, cfg.magma_tau, **kw)
+        return omgd_jax.skip_update_adamw(lr, cfg.keep_prob, **kw)
+    if name == "mofasgd":
+        scale = cfg.lowrank_lr_scale
+        return omgd_jax.mofasgd(lambda t: scale * lr(t), cfg.rank, key=key,
+                                adamw_learning_rate=lr, adamw_b1=b1, adamw_b2=b2,
+                                adamw_eps=eps, adamw_weight_decay=wd)  # fmt: skip
+    raise ValueError(f"no optimizer named {name!r}")  # finalize refuses it first
 
 
 def make_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:

@@ -58,6 +58,11 @@ from examples.gpt2.optimizers import (
 # ----------------------------------------------------------------------------- model
 
 
+def model_config(cfg: Config) -> GPTConfig:
+    """The network a (finalized) run trains: its preset with --dtype, --remat, --vocab-size."""
+    return get_config(cfg.preset, dtype=cfg.dtype, remat=cfg.remat, vocab_size=cfg.vocab_size)
+
+
 def init_params(mcfg: GPTConfig, seed: int):
     """The model's parameters as a pure dict (`nnx.Param` state), freshly initialised."""
     return nnx.to_pure_dict(nnx.state(GPT(mcfg, nnx.Rngs(seed)), nnx.Param))
@@ -95,7 +100,8 @@ def open_data(cfg: Config, vocab_size: int):
         if top >= vocab_size:
             raise SystemExit(
                 f"error: {ds.path} holds token id {top}, beyond the model's vocabulary "
-                f"of {vocab_size}; was it tokenized with GPT-2's BPE?"
+                f"of {vocab_size}; was it tokenized with GPT-2's BPE (or bytes: --preset "
+                "small-bytes / --vocab-size 256)?"
             )
     return train_ds, val_ds, it
 
@@ -268,6 +274,30 @@ def compile_stage(cfg: Config, name: str, graphdef, abstract_params, mesh) -> St
     return Stage(name, abstract, shardings, step, init)
 
 
+def memory_summary(compiled) -> dict:
+    """Bytes of a compiled step (`jax.stages.Compiled.memory_analysis()`): argument, temp, output,
+    alias, and `peak_bytes` = argument + temp (the outputs alias the donated state)."""
+    m = compiled.memory_analysis()
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+    }
+    out["peak_bytes"] = out["argument_bytes"] + out["temp_bytes"]
+    return out
+
+
+def step_memory(cfg: Config) -> dict:
+    """Compiled memory of one train step of a finalized run in its last stage (the masking one
+    for OMGD / LISA: the lean step where it applies), from abstract inputs; nothing allocated."""
+    mcfg = model_config(cfg)
+    graphdef, abstract_params = abstract_model(mcfg, cfg.seed)
+    stage = compile_stage(cfg, stages(cfg)[-1], graphdef, abstract_params, make_mesh())
+    x = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.block_size), jnp.int32)
+    return memory_summary(stage.step.lower(stage.abstract, x, x).compile())
+
+
 # ----------------------------------------------------------------------------- logging
 
 
@@ -384,7 +414,7 @@ def run(cfg: Config) -> dict:
                 f"error: --batch-size {cfg.batch_size} is not divisible by the {n} {what}"
             )
     # Model and optimizer stages: abstract first (shapes only), materialised with their shardings.
-    mcfg = get_config(cfg.preset, dtype=cfg.dtype, remat=cfg.remat)
+    mcfg = model_config(cfg)
     graphdef, abstract_params = abstract_model(mcfg, cfg.seed)
     by_name = {s: compile_stage(cfg, s, graphdef, abstract_params, mesh) for s in stages(cfg)}
     _, val_data, batches = open_data(cfg, mcfg.vocab_size)

@@ -101,6 +101,32 @@ def test_prepare_text_folder_matches_tiktoken_and_nanogpt_format(tmp_path, enc):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
+def test_byte_level_tokens_are_the_utf8_bytes_with_nul_after_each_document(tmp_path):
+    src = tmp_path / "corpus"
+    written = _write_docs(src)
+    out = tmp_path / "bytes"
+    argv = ["--source", "text", "--path", str(src), "--tokenizer", "bytes", "--out-dir", str(out),
+            "--val-fraction", "0.2", "--seed", "3", "--no-progress"]  # fmt: skip
+    assert data.main(argv) == 0
+    docs = data.read_text_documents(src)
+    train_idx, val_idx = data.split_documents(len(docs), 0.2, seed=3)
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        expected = [b for i in idx for b in [*docs[i].text.encode("utf-8"), 0]]
+        on_disk = np.memmap(out / f"{split}.bin", dtype=np.uint16, mode="r")
+        assert on_disk.tolist() == expected
+        assert int((on_disk == 0).sum()) == len(idx)  # one NUL per document, none in the text
+    meta = data.read_meta(out)
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
+    assert meta["eot_token"] == 0 and meta["tokenizer_ranks_sha256"] is None
+    enc = data.get_encoding("bytes")
+    assert enc.decode(enc.encode_ordinary(written["b.md"])) == written["b.md"]
+    # the same byte-level recipe is reused as it is
+    assert data.ensure_prepared("text", out, path=src, val_fraction=0.2, seed=3,
+                                enc=enc) == meta  # fmt: skip
+    with pytest.raises(ValueError, match="--tokenizer 'chars' is unknown; allowed: gpt2, bytes"):
+        data.get_encoding("chars")
+
+
 def test_split_by_document_is_deterministic_and_disjoint():
     train, val = data.split_documents(50, 0.1, seed=7)
     train2, val2 = data.split_documents(50, 0.1, seed=7)
