@@ -372,3 +372,11 @@ def test_sotu_fetch_wrong_sha256_leaves_cache_clean(tmp_path, monkeypatch):
     assert not fetch.sotu_cache_path().parent.exists()
     monkeypatch.setattr(fetch, "SOTU_SHA256", hashlib.sha256(fake).hexdigest())
     assert fetch.ensure_sotu().read_bytes() == fake  # control: the matching hash installs
+
+
+def test_missing_tokenizer_says_how_to_fetch_it(tmp_path, monkeypatch):
+    """No cached GPT-2 ranks and no fetching: a sentence naming the command, nothing written."""
+    monkeypatch.setenv("OMGD_JAX_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"not cached.*examples\.gpt2\.fetch tokenizer"):
+        fetch.ensure_tokenizer(fetch=False)
+    assert list(tmp_path.iterdir()) == []
