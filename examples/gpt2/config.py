@@ -39,9 +39,6 @@ LAYER_OPTIMIZERS = ("omgd-layer", "lisa", "lisa-wor-noscale")
 OMGD_OPTIMIZERS = (*LAYER_OPTIMIZERS, "omgd-element", "omgd-tensor")
 
 
-LAYER_OPTIMIZERS = ("omgd-layer", "lisa")  # mask whole transformer blocks
-
-
 def option(default, help: str | None = None, *, choices=None):
     """A Config field and its command-line flag `--<name>`; choices from a `Literal` annotation
     or `choices`."""
