@@ -9,6 +9,12 @@ taken per round and its median reported with the spread. Same activation policy 
 layer's linearisation residuals). OMGD-layer is `omgd_adamw(granularity="layer")` under
 `omgd_jax.lean_train_step`: the backward of an inactive block computes only its input
 cotangent, and only the active blocks are updated.
+
+Beside the times, every record has the step's matmul FLOPs counted on its jaxpr
+(`benchmarks.flops`, dead code left out, the lean backward's branch weighted by the share of
+active layers): their ratio is what a compute-bound step could reach. ``--malloc hold`` (the
+default) keeps freed host memory so XLA:CPU's per-call buffers do not page-fault anew
+(`benchmarks.host_memory`); ``--malloc default`` leaves glibc as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import omgd_jax
+from benchmarks import flops, host_memory
 
 LAYERS = r"^blocks/"
 
@@ -70,6 +77,19 @@ def build(cfg, gamma):
     }
 
 
+def step_flops(cfg, batch, gamma) -> dict[str, float]:
+    """Matmul FLOPs of every step (abstract inputs)."""
+    params, steps = build(cfg, gamma)
+    xs = jax.ShapeDtypeStruct(batch, jnp.int32)
+    share = gamma / cfg.n_layer  # the lean backward's cond: (inactive, active) branches
+    out = {}
+    for name, (step, tx) in steps.items():
+        state = jax.eval_shape(tx.init, params)
+        weights = lambda eqn: [1 - share, share]  # noqa: E731
+        out[name] = flops.count(step, params, state, xs, xs, cond_weights=weights)
+    return out
+
+
 def measure(cfg, batch, gamma, rounds):
     params, steps = build(cfg, gamma)
     x = jax.random.randint(jax.random.key(1), batch, 0, cfg.vocab_size)
@@ -97,12 +117,18 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (median)")
     parser.add_argument("--remat", action="store_true", help="per-layer remat on both rows")
     parser.add_argument("--only", default=None, help="setups whose name contains this string")
+    parser.add_argument(
+        "--malloc", default="hold", choices=host_memory.MALLOC_CHOICES,
+        help="hold: keep freed host memory (no per-call page faults); default: glibc as is",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
     records = []
     for model, cfg, batch, gamma in setups(args.remat):
         if args.only and args.only not in model:
             continue
         times = measure(cfg, batch, gamma, args.rounds)
+        counted = step_flops(cfg, batch, gamma)
         base = times["adamw"]
         for name, ts in times.items():
             ratios = [t / b for t, b in zip(ts, base, strict=True)]
@@ -115,19 +141,28 @@ def main(argv=None):
                     "ratio_to_adamw": statistics.median(ratios),
                     "ratio_min": min(ratios),
                     "ratio_max": max(ratios),
+                    "matmul_flops": counted[name],
+                    "flop_ratio_to_adamw": counted[name] / counted["adamw"],
                 }
             )
-    print("| model | method | median ms | x AdamW (median of rounds) | range |")
-    print("|---|---|---|---|---|")
+    print(f"malloc: {malloc}")
+    print("| model | method | median ms | x AdamW (median) | range | matmul FLOPs x AdamW |")
+    print("|---|---|---|---|---|---|")
     for r in records:
         print(
             f"| {r['model']} | {r['method']} | {1e3 * r['median_s']:.0f} | "
-            f"{r['ratio_to_adamw']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |"
+            f"{r['ratio_to_adamw']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | "
+            f"{r['flop_ratio_to_adamw']:.3f} |"
         )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
-                {"device": jax.devices()[0].device_kind, "remat": args.remat, "records": records},
+                {
+                    "device": jax.devices()[0].device_kind,
+                    "remat": args.remat,
+                    "malloc": malloc,
+                    "records": records,
+                },
                 f,
                 indent=1,
             )

@@ -9,6 +9,11 @@ preset (`base_optimizer`: AdamW with its decay mask and schedule, or OMGD around
 gradient clipping before them is left out, as it costs every row the same).
 
     python -m benchmarks.update_cost --out benchmarks/results/update_cost.json
+
+``--malloc hold`` (the default) keeps freed host memory in the process, so the temporary
+buffer XLA:CPU allocates on every call does not page-fault anew each time (see
+`benchmarks.host_memory`); ``--malloc default`` measures glibc as it comes. The minor page
+faults per call are recorded beside every time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax
 import optax
 
 import omgd_jax
+from benchmarks import host_memory
 from examples.gpt2.config import Config, finalize
 from examples.gpt2.model import get_config
 from examples.gpt2.optimizers import (
@@ -111,10 +117,9 @@ def compile_step(tx, shapes, lean: bool = False) -> dict:
     }
 
 
-def time_interleaved(steps: dict, shapes, repeats: int) -> dict[str, float]:
-    """Median step time per optimizer, timing them in turn, round after round.
-
-    Interleaving spreads any slow-down of the machine over all rows alike.
+def time_interleaved(steps: dict, shapes, repeats: int) -> tuple[dict, dict]:
+    """Median step time and minor page faults per call of every optimizer, timing them in
+    turn, round after round. Interleaving spreads any slow-down of the machine over all alike.
     """
     key = jax.random.key(0)
     grads = {
@@ -128,14 +133,18 @@ def time_interleaved(steps: dict, shapes, repeats: int) -> dict[str, float]:
         params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
         live[name] = (params, step["init"](params))
     times = {name: [] for name in steps}
+    faults = dict.fromkeys(steps, 0)
     for i in range(repeats + 2):
         for name, step in steps.items():
+            before = host_memory.minor_faults()
             start = time.perf_counter()
             live[name] = step["compiled"](*live[name], grads[name])
             jax.block_until_ready(live[name])
             if i >= 2:  # the first calls pay for allocation
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                faults[name] += host_memory.minor_faults() - before
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return medians, {name: f / repeats for name, f in faults.items()}
 
 
 def main(argv=None):
@@ -148,7 +157,12 @@ def main(argv=None):
         default="",
         help="regex: measure only matching optimizers (adamw, the baseline, always runs)",
     )
+    parser.add_argument(
+        "--malloc", default="hold", choices=host_memory.MALLOC_CHOICES,
+        help="hold: keep freed host memory (no per-call page faults); default: glibc as is",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
 
     shapes = gpt2_shapes(args.layers)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
@@ -156,20 +170,21 @@ def main(argv=None):
     for name, tx in optimizers().items():
         if name == "adamw" or re.search(args.only, name):
             steps[name] = compile_step(tx, shapes, lean=name == LEAN)
-    medians = time_interleaved(steps, shapes, args.repeats)
+    medians, faults = time_interleaved(steps, shapes, args.repeats)
     rows = {}
     for name, step in steps.items():
         skip = ("compiled", "init", "grad_shapes")
         rows[name] = {k: v for k, v in step.items() if k not in skip}
         rows[name]["update_s"] = medians[name]
+        rows[name]["minor_faults_per_call"] = faults[name]
     base = rows["adamw"]
     header = (
         f"{'optimizer':34s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} "
-        f"{'x adamw':>7s} {'XLA temp MB':>11s}"
+        f"{'x adamw':>7s} {'XLA temp MB':>11s} {'faults/call':>11s}"
     )
     print(
         f"\nGPT-2 tree: {n_params / 1e6:.1f}M parameters, jax {jax.__version__}, "
-        f"{jax.devices()[0].platform}"
+        f"{jax.devices()[0].platform}, malloc {malloc}"
     )
     print(header)
     for name, r in rows.items():
@@ -178,11 +193,12 @@ def main(argv=None):
         print(
             f"{name:34s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
             f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f} "
-            f"{r['xla_temp_bytes'] / 2**20:11.1f}"
+            f"{r['xla_temp_bytes'] / 2**20:11.1f} {r['minor_faults_per_call']:11.0f}"
         )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"n_params": n_params, "jax": jax.__version__, "rows": rows}, f, indent=2)
+            doc = {"n_params": n_params, "jax": jax.__version__, "malloc": malloc, "rows": rows}
+            json.dump(doc, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from omgd_jax.frozen import OmgdFrozenState
 from omgd_jax.galore import GaloreState, galore, golore, stiefel_projector
 from omgd_jax.lean import (
     active_layers,
+    add_to_layers,
     apply_layer_updates,
     gather_layers,
     layer_view,
@@ -74,6 +75,7 @@ __all__ = [
     "omgd_mask",
     "scale_by_mofasgd",
     "scan_layers",
+    "add_to_layers",
     "scatter_layers",
     "sift",
     "skip_update",

@@ -174,3 +174,27 @@ def test_scatter_writes_only_the_given_layers():
     expected = np.arange(12.0).reshape(6, 2)
     expected[[5, 2]] = -1
     np.testing.assert_array_equal(out["w"], expected)
+
+
+def test_add_to_layers_adds_as_apply_updates_and_keeps_the_rest():
+    # bf16 stack, f32 updates: each written layer is (w + u) in f32 rounded once to bf16.
+    rng = np.random.default_rng(0)
+    stack = {"w": jnp.asarray(rng.normal(size=(6, 3)), jnp.bfloat16)}
+    upd = {"w": jnp.asarray(rng.normal(size=(2, 3)) * 1e-2, jnp.float32)}
+    ids = jnp.array([4, 1])
+    out = jax.jit(omgd_jax.add_to_layers, donate_argnums=0)(jax.tree.map(jnp.copy, stack), upd, ids)
+    view = omgd_jax.gather_layers(stack, ids)
+    expected = np.asarray(stack["w"]).copy()
+    expected[[4, 1]] = np.asarray(optax.apply_updates(view, upd)["w"])
+    assert out["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out["w"]), expected)
+
+
+def test_the_update_writes_the_stack_in_place():
+    # Donated and updated layer by layer: no temporary the size of the stack or of the view.
+    stack = {"w": jax.ShapeDtypeStruct((12, 256, 256), jnp.float32)}
+    upd = {"w": jax.ShapeDtypeStruct((3, 256, 256), jnp.float32)}
+    ids = jax.ShapeDtypeStruct((3,), jnp.int32)
+    compiled = jax.jit(omgd_jax.add_to_layers, donate_argnums=0).lower(stack, upd, ids).compile()
+    layer_bytes = 256 * 256 * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes

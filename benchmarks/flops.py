@@ -1,0 +1,101 @@
+"""Matmul FLOPs of a function, counted on its jaxpr.
+
+XLA's ``cost_analysis()`` counts the body of a loop once, so a step whose layers run in a
+``lax.scan`` would be undercounted N_L times; the jaxpr knows every loop's length. Only
+``dot_general`` is counted (2 x output elements x contracted size): the matmuls are what the
+lean step skips, and the rest (norms, softmax, the update) is memory-bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+from jax.extend import core as jex_core
+
+# A cond's branch weights: (eqn) -> one weight per branch, e.g. the share of the layers for
+# which the lean backward takes its active branch. Default: the costliest branch.
+CondWeights = Callable[[jex_core.JaxprEqn], Sequence[float] | None]
+
+
+def dot_flops(eqn) -> int:
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    out = eqn.outvars[0].aval.shape
+    return 2 * math.prod(out) * math.prod(lhs[d] for d in contract)
+
+
+def _inner(eqn):
+    """The one sub-jaxpr of a call-like equation whose inputs and outputs are the eqn's."""
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        j = eqn.params.get(name)
+        if j is not None:
+            j = getattr(j, "jaxpr", j)
+            if len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars):
+                return j
+    return None
+
+
+def _used(var, used) -> bool:
+    return not isinstance(var, jex_core.Literal) and var in used
+
+
+def live_flops(jaxpr, outs_used, cond_weights=None) -> tuple[float, list[bool]]:
+    """FLOPs of the equations that reach a used output (dead code, which XLA removes, is not
+    counted), and which inputs are used."""
+    used = {v for v, u in zip(jaxpr.outvars, outs_used, strict=True) if u and not
+            isinstance(v, jex_core.Literal)}  # fmt: skip
+    total = 0.0
+    for eqn in reversed(jaxpr.eqns):
+        outs = [_used(v, used) for v in eqn.outvars]
+        if not any(outs) and not eqn.effects:
+            continue
+        name, ins = eqn.primitive.name, [True] * len(eqn.invars)
+        if name == "dot_general":
+            total += dot_flops(eqn)
+        elif name == "scan":
+            body, n_consts = eqn.params["jaxpr"].jaxpr, eqn.params["num_consts"]
+            n_carry = eqn.params["num_carry"]
+            carry = outs[:n_carry]
+            while True:  # a carry is live if the body reads it to make anything live
+                flops, ins = live_flops(body, carry + outs[n_carry:], cond_weights)
+                grown = [a or b for a, b in zip(carry, ins[n_consts:], strict=False)]
+                if grown == carry:
+                    break
+                carry = grown
+            total += eqn.params["length"] * flops
+        elif name == "cond":
+            counted = [live_flops(b.jaxpr, outs, cond_weights) for b in eqn.params["branches"]]
+            weights = cond_weights(eqn) if cond_weights is not None else None
+            flops = [f for f, _ in counted]
+            total += max(flops) if weights is None else sum(
+                w * f for w, f in zip(weights, flops, strict=True)
+            )
+            ins = [True] + [any(c[1][i] for c in counted) for i in range(len(eqn.invars) - 1)]
+        elif name == "while":
+            raise ValueError("live_flops: a while loop has no static trip count")
+        elif (inner := _inner(eqn)) is not None:
+            flops, ins = live_flops(inner, outs, cond_weights)
+            total += flops
+        else:
+            for j in _sub_jaxprs(eqn):  # anything else: counted whole
+                total += live_flops(j, [True] * len(j.outvars), cond_weights)[0]
+        used.update(v for v, u in zip(eqn.invars, ins, strict=True) if u and not
+                    isinstance(v, jex_core.Literal))  # fmt: skip
+    return total, [v in used for v in jaxpr.invars]
+
+
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        for j in v if isinstance(v, list | tuple) else (v,):
+            if isinstance(j, jex_core.ClosedJaxpr):
+                yield j.jaxpr
+            elif isinstance(j, jex_core.Jaxpr):
+                yield j
+
+
+def count(fn, *args, cond_weights: CondWeights | None = None) -> float:
+    """Matmul FLOPs of ``fn(*args)`` (arrays or ShapeDtypeStructs), dead code left out."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return live_flops(jaxpr, [True] * len(jaxpr.outvars), cond_weights)[0]
