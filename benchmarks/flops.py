@@ -69,8 +69,10 @@ def live_flops(jaxpr, outs_used, cond_weights=None) -> tuple[float, list[bool]]:
             counted = [live_flops(b.jaxpr, outs, cond_weights) for b in eqn.params["branches"]]
             weights = cond_weights(eqn) if cond_weights is not None else None
             flops = [f for f, _ in counted]
-            total += max(flops) if weights is None else sum(
-                w * f for w, f in zip(weights, flops, strict=True)
+            total += (
+                max(flops)
+                if weights is None
+                else sum(w * f for w, f in zip(weights, flops, strict=True))
             )
             ins = [True] + [any(c[1][i] for c in counted) for i in range(len(eqn.invars) - 1)]
         elif name == "while":
