@@ -65,30 +65,29 @@ def test_gradient_tree_has_no_full_stack_leaf():
 
 
 def test_inactive_layers_get_no_weight_gradient_matmuls():
-    """remat: one pass over all N_L layers with the input cotangent only, one over the gamma."""
+    """remat: the backward recomputes each layer in a cond; the inactive branch has no x^T dy."""
     params = make_params()
     f = omgd_jax.lean_value_and_grad(loss_of, layers=LAYERS)
     jaxpr = jax.make_jaxpr(f)(params, jnp.array([0, 5]), jnp.ones((3, D))).jaxpr
 
-    def scans(jaxpr):
+    def eqns(jaxpr, name):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan":
+            if eqn.primitive.name == name:
                 yield eqn
             for sub in jaxprs_in_params(eqn.params):
-                yield from scans(sub)
+                yield from eqns(sub, name)
 
     def dots(jaxpr):
-        n = sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
-        return n + sum(dots(s) for e in jaxpr.eqns for s in jaxprs_in_params(e.params))
+        return sum(1 for _ in eqns(jaxpr, "dot_general"))
 
-    by_length = {}
-    for eqn in scans(jaxpr):
-        by_length.setdefault(eqn.params["length"], []).append(dots(eqn.params["jaxpr"].jaxpr))
-    # forward (N_L layers: 2 dots each); backward input pass (N_L: recompute 2 + input
-    # cotangent 2, no weight cotangent); weight pass (gamma layers only: recompute 2, the
-    # cotangent through w2 1, and the two weight cotangents x^T dy).
-    assert sorted(by_length[N_LAYERS]) == [2, 4]
-    assert by_length[2] == [5]
+    scans = {e.params["length"]: e for e in eqns(jaxpr, "scan")}
+    assert set(scans) == {N_LAYERS}  # no loop over fewer layers: one backward pass
+    backward = [e for e in eqns(jaxpr, "scan") if any(eqns(e.params["jaxpr"].jaxpr, "cond"))]
+    assert len(backward) == 1
+    (cond,) = eqns(backward[0].params["jaxpr"].jaxpr, "cond")
+    inactive, active = (dots(b.jaxpr) for b in cond.params["branches"])
+    # Each layer has two matmuls: recomputed (2), input cotangent (2), weight cotangent (2).
+    assert (inactive, active) == (4, 6)
 
 
 def dense_step(tx):
