@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend import core as jex_core
 
 from omgd_jax import layers as layers_lib
 
@@ -211,12 +212,18 @@ def _lean_fwd(layer_fn, remat, stack, view, ids, x):
         y, inputs = jax.lax.scan(body, x, stack)
         return y, (stack, ids, inputs)
 
+    # Residuals that depend on neither the layer's weights nor its input (a causal mask built
+    # inside the layer) are the same for every layer: kept once, not once per layer.
+    p0 = _layer(stack, 0)
+    shared = _invariant_residuals(layer_fn, p0, x)
+
     def body_res(h, p):
         y, vjp = jax.vjp(layer_fn, p, h)
-        return y, _residuals(vjp, p)
+        res = _residuals(vjp, p)
+        return y, [None if c is not None else r for r, c in zip(res, shared, strict=True)]
 
     y, saved = jax.lax.scan(body_res, x, stack)
-    return y, (stack, ids, saved)
+    return y, (stack, ids, (saved, shared))
 
 
 def _residuals(vjp, p):
@@ -226,28 +233,69 @@ def _residuals(vjp, p):
     return [None if id(r) in weights else r for r in leaves]
 
 
-def _lean_bwd_recompute(layer_fn, stack, ids, inputs, dy):
-    """Backward from the layer inputs alone: each layer is recomputed once; an active one
-    gives its weight and input cotangents (the weight one written into slot ``s`` of the
-    ``[gamma, ...]`` gradient), an inactive one its input cotangent alone (no x^T dy matmuls).
+def _invariant_residuals(layer_fn, p, h):
+    """Per residual of one layer: its value if it depends on neither ``p`` nor ``h`` (computed
+    here, once), else None. Found on the jaxpr, looking inside nested calls."""
 
-    A two-pass variant (input cotangents for all layers first, then the weight cotangents of
-    the active ones, recomputed again) was measured against this one: 0.15 GiB less at
-    LLaMA-7B (19.53 against 19.68 GiB) but 7.3 MiB more on the demo's small model (37.18
-    against 29.89 MiB) and 9 to 65 MiB more on GPT-2-124M, and it recomputes the active
-    layers twice.
+    def residuals(p, h):
+        return [r for r in _residuals(jax.vjp(layer_fn, p, h)[1], p) if r is not None]
+
+    closed = jax.make_jaxpr(residuals)(p, h)
+    free = [not d for d in _depends(closed.jaxpr, [True] * len(closed.jaxpr.invars))]
+    if not any(free):
+        return [None] * len(_residuals(jax.vjp(layer_fn, p, h)[1], p))
+    _, vjp = jax.vjp(layer_fn, p, h)  # only the free residuals are used: the rest is dead code
+    out, k = [], 0
+    for r in _residuals(vjp, p):
+        out.append(r if r is not None and free[k] else None)
+        k += r is not None
+    return out
+
+
+def _depends(jaxpr, inputs_depend) -> list[bool]:
+    """Which outputs of ``jaxpr`` depend on the inputs flagged in ``inputs_depend``."""
+    dep = {v for v, d in zip(jaxpr.invars, inputs_depend, strict=True) if d}
+
+    def depends(v):
+        return not isinstance(v, jex_core.Literal) and v in dep
+
+    for eqn in jaxpr.eqns:
+        ins = [depends(v) for v in eqn.invars]
+        inner = next(
+            (
+                getattr(j, "jaxpr", j)
+                for j in (eqn.params.get(k) for k in ("jaxpr", "call_jaxpr", "fun_jaxpr"))
+                if j is not None
+                and len(getattr(j, "jaxpr", j).invars) == len(eqn.invars)
+                and len(getattr(j, "jaxpr", j).outvars) == len(eqn.outvars)
+            ),
+            None,
+        )
+        if inner is not None and eqn.primitive.name not in ("scan", "while", "cond"):
+            outs = _depends(inner, ins)  # a call (jit, remat, custom_jvp...): look inside
+        else:  # loops, branches and the rest: any dependent input taints every output
+            outs = [any(ins)] * len(eqn.outvars)
+        dep.update(v for v, d in zip(eqn.outvars, outs, strict=True) if d)
+    return [depends(v) for v in jaxpr.outvars]
+
+
+def _backward(stack, ids, dy, vjps):
+    """The backward loop over the layers (last to first) of both modes.
+
+    ``vjps(index, p)`` gives ``(full, input_only)`` for layer ``index``: ``full(dh) -> (dp,
+    dx)``, ``input_only(dh) -> dx``. An active layer's ``dp`` goes into its slot of the
+    ``[gamma, ...]`` gradient; an inactive one takes ``input_only`` (no x^T dy matmuls).
     """
     n = jax.tree.leaves(stack)[0].shape[0]
     gbuf = jax.tree.map(lambda a: jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), stack)
 
     def body(carry, index):
         dh, gbuf = carry
-        p = _layer(stack, index)
         slot = _slot(ids, index)
-        h = jax.lax.dynamic_index_in_dim(inputs, index, 0, False)
+        full, input_only = vjps(index, _layer(stack, index))
 
         def active(dh, gbuf):
-            dp, dx = jax.vjp(layer_fn, p, h)[1](dh)
+            dp, dx = full(dh)
             gbuf = jax.tree.map(
                 lambda b, d: jax.lax.dynamic_update_index_in_dim(b, d.astype(b.dtype), slot, 0),
                 gbuf,
@@ -256,7 +304,7 @@ def _lean_bwd_recompute(layer_fn, stack, ids, inputs, dy):
             return dx, gbuf
 
         def inactive(dh, gbuf):
-            return jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0], gbuf
+            return input_only(dh), gbuf
 
         return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
 
@@ -265,34 +313,35 @@ def _lean_bwd_recompute(layer_fn, stack, ids, inputs, dy):
 
 
 def _lean_bwd(layer_fn, remat, res, dy):
+    """remat: each layer is recomputed once from its saved input.
+
+    A two-pass variant (input cotangents for all layers first, then the weight cotangents of
+    the active ones, recomputed again) was measured against this one: 0.15 GiB less at
+    LLaMA-7B (19.53 against 19.68 GiB) but 7.3 MiB more on the demo's small model (37.18
+    against 29.89 MiB) and 9 to 65 MiB more on GPT-2-124M, and it recomputes the active
+    layers twice. Residual mode: each layer's vjp is rebuilt from its saved residuals, and the
+    weight cotangent is dead code in the inactive branch, which XLA removes.
+    """
     stack, ids, saved = res
     if remat:
-        return _lean_bwd_recompute(layer_fn, stack, ids, saved, dy)
-    n = jax.tree.leaves(stack)[0].shape[0]
-    gbuf = jax.tree.map(lambda a: jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), stack)
 
-    def body(carry, index):
-        dh, gbuf = carry
-        slot = _slot(ids, index)
-        rows = jax.tree.map(lambda r: _row(r, index), saved)
-        vjp = _rebuild(layer_fn, _layer(stack, index), rows, dh)
+        def vjps(index, p):
+            h = jax.lax.dynamic_index_in_dim(saved, index, 0, False)
+            full = lambda dh: jax.vjp(layer_fn, p, h)[1](dh)  # noqa: E731
+            return full, lambda dh: jax.vjp(lambda h: layer_fn(p, h), h)[1](dh)[0]
 
-        def active(dh, gbuf):
-            dp, dx = vjp(dh)
-            gbuf = jax.tree.map(
-                lambda b, d: jax.lax.dynamic_update_index_in_dim(b, d.astype(b.dtype), slot, 0),
-                gbuf,
-                dp,
-            )
-            return dx, gbuf
+    else:
+        per_layer, shared = saved
 
-        def inactive(dh, gbuf):  # the weight cotangent is dead code here and XLA removes it
-            return vjp(dh)[1], gbuf
+        def vjps(index, p):
+            rows = [
+                c if c is not None else _row(r, index)
+                for r, c in zip(per_layer, shared, strict=True)
+            ]
+            vjp = _rebuild(layer_fn, p, rows, dy)
+            return vjp, lambda dh: vjp(dh)[1]
 
-        return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
-
-    (dx, gbuf), _ = jax.lax.scan(body, (dy, gbuf), jnp.arange(n), reverse=True)
-    return None, gbuf, None, dx
+    return _backward(stack, ids, dy, vjps)
 
 
 def _row(r, index):
