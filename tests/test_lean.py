@@ -197,3 +197,27 @@ def test_the_update_writes_the_stack_in_place():
     compiled = jax.jit(omgd_jax.add_to_layers, donate_argnums=0).lower(stack, upd, ids).compile()
     layer_bytes = 256 * 256 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes
+
+
+def test_residuals_shared_by_every_layer_are_kept_once():
+    # Each layer multiplies by a causal mask built inside it: a 256 KiB residual that depends
+    # on neither the weights nor the input. Stored per layer it would take 16 x 256 KiB.
+    T, n = 256, 16
+
+    def layer(p, h):
+        mask = jnp.tril(jnp.ones((T, T), jnp.float32))
+        return jnp.tanh(p["w"] * (mask @ h))
+
+    params = {"blocks": {"w": jnp.full((n, 1), 0.5)}}
+
+    def loss(p, x):
+        return omgd_jax.scan_layers(layer, p["blocks"], x, remat=False).sum()
+
+    grad = omgd_jax.lean_value_and_grad(loss, layers="^blocks/")
+    x, ids = jnp.ones((T, 1)), jnp.array([3])
+    compiled = jax.jit(grad).lower(params, ids, x).compile()
+    mask_bytes = T * T * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < 3 * mask_bytes
+    # and the gradient is still the dense one's, layer 3 of 16
+    dense = jax.grad(loss)(params, x)["blocks"]["w"][3]
+    np.testing.assert_allclose(grad(params, ids, x)[1]["blocks"]["w"][0], dense, rtol=1e-5)
