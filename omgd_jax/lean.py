@@ -502,6 +502,17 @@ def apply_layer_updates(params, params_view, updates, ids: jax.Array, *, layers)
     return jax.tree.unflatten(treedef, out)
 
 
+def _after(ids: jax.Array, tree) -> jax.Array:
+    """``ids``, made to depend on one element of ``tree``: what reads them is scheduled after
+    ``tree`` is computed. The gathered copy of the active layers then never lives beside the
+    backward pass's buffers (XLA:CPU drops optimization barriers before scheduling). The
+    clamp bound is ``max(ids)`` or more, so the value is ``ids`` whatever the element.
+    """
+    leaf = jax.tree.leaves(tree)[0]
+    probe = jax.lax.index_in_dim(leaf.reshape(-1), 0, keepdims=False)
+    return jnp.minimum(ids, jnp.max(ids) + jnp.isnan(probe).astype(ids.dtype))
+
+
 def lean_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, layers, has_aux=False):
     r"""One lean layer-wise training step: ``step(params, opt_state, *args)``.
 
@@ -558,10 +569,7 @@ def lean_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, laye
     def step(params, opt_state, *args, **kwargs):
         ids = active_layers(opt_state)
         value, grads = grad_fn(params, ids, *args, **kwargs)
-        # The active layers are gathered once the backward pass is done, so that the copy is
-        # never live beside the layer inputs and the backward's working buffers.
-        grads, params = jax.lax.optimization_barrier((grads, params))
-        view = layer_view(params, ids, layers=layers)
+        view = layer_view(params, _after(ids, grads), layers=layers)
         updates, opt_state = tx.update(
             grads, opt_state, view, active_layers=ids, num_layers=_depth(params, layers)
         )
