@@ -287,7 +287,12 @@ def _backward(stack, ids, dy, vjps):
     ``[gamma, ...]`` gradient; an inactive one takes ``input_only`` (no x^T dy matmuls).
     """
     n = jax.tree.leaves(stack)[0].shape[0]
-    gbuf = jax.tree.map(lambda a: jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), stack)
+    # Zeros made from dy: a constant would be allocated before the forward pass and live
+    # through it; these are made when the backward pass starts.
+    zero = jnp.isnan(dy.reshape(-1)[0]).astype(dy.dtype) * 0
+    gbuf = jax.tree.map(
+        lambda a: jnp.broadcast_to(zero.astype(a.dtype), (ids.shape[0],) + a.shape[1:]), stack
+    )
 
     def body(carry, index):
         dh, gbuf = carry
