@@ -221,3 +221,19 @@ def test_residuals_shared_by_every_layer_are_kept_once():
     # and the gradient is still the dense one's, layer 3 of 16
     dense = jax.grad(loss)(params, x)["blocks"]["w"][3]
     np.testing.assert_allclose(grad(params, ids, x)[1]["blocks"]["w"][0], dense, rtol=1e-5)
+
+
+def test_add_to_layers_in_the_stack_dtype_is_one_in_place_scatter():
+    rng = np.random.default_rng(1)
+    stack = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+    upd = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    ids = jnp.array([5, 0, 2])
+    out = omgd_jax.add_to_layers(stack, upd, ids)
+    expected = np.asarray(stack["w"]).copy()
+    expected[[5, 0, 2]] = np.asarray(
+        optax.apply_updates(omgd_jax.gather_layers(stack, ids), upd)["w"]
+    )
+    np.testing.assert_array_equal(out["w"], expected)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (stack, upd, ids))
+    compiled = jax.jit(omgd_jax.add_to_layers, donate_argnums=0).lower(*shapes).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 4 * 4  # nothing the size of a layer
