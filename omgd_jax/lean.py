@@ -301,10 +301,11 @@ def _backward(stack, ids, dy, vjps):
     def body(carry, index):
         dh, gbuf = carry
         slot = _slot(ids, index)
-        full, input_only = vjps(index, _layer(stack, index))
+        # Each branch slices the layer and its residuals itself: slices made outside would be
+        # operands of the cond, which XLA materialises as copies.
 
         def active(dh, gbuf):
-            dp, dx = full(dh)
+            dp, dx = vjps(index, _layer(stack, index))[0](dh)
             gbuf = jax.tree.map(
                 lambda b, d: jax.lax.dynamic_update_index_in_dim(b, d.astype(b.dtype), slot, 0),
                 gbuf,
@@ -313,7 +314,7 @@ def _backward(stack, ids, dy, vjps):
             return dx, gbuf
 
         def inactive(dh, gbuf):
-            return input_only(dh), gbuf
+            return vjps(index, _layer(stack, index))[1](dh), gbuf
 
         return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
 
