@@ -293,7 +293,7 @@ def _backward(stack, ids, dy, vjps):
     n = jax.tree.leaves(stack)[0].shape[0]
     # Zeros made from dy: a constant would be allocated before the forward pass and live
     # through it; these are made when the backward pass starts.
-    zero = jnp.isnan(dy.reshape(-1)[0]).astype(dy.dtype) * 0
+    zero = jnp.isnan(dy[(0,) * dy.ndim]).astype(dy.dtype) * 0
     gbuf = jax.tree.map(
         lambda a: jnp.broadcast_to(zero.astype(a.dtype), (ids.shape[0],) + a.shape[1:]), stack
     )
@@ -513,14 +513,17 @@ def apply_layer_updates(params, params_view, updates, ids: jax.Array, *, layers)
 
 
 def _after(ids: jax.Array, tree) -> jax.Array:
-    """``ids``, made to depend on one element of ``tree``: what reads them is scheduled after
-    ``tree`` is computed. The gathered copy of the active layers then never lives beside the
-    backward pass's buffers (XLA:CPU drops optimization barriers before scheduling). The
-    clamp bound is ``max(ids)`` or more, so the value is ``ids`` whatever the element.
+    """``ids``, made to depend on the first element of every float leaf of ``tree`` (the
+    ``[gamma, ...]`` gradients): what reads them is scheduled after the backward pass, so the
+    gathered copy of the active layers never lives beside the backward's buffers (XLA:CPU
+    drops optimization barriers before scheduling). The clamp bound is ``max(ids)`` or more,
+    so the value is ``ids``.
     """
-    leaf = jax.tree.leaves(tree)[0]
-    probe = jax.lax.index_in_dim(leaf.reshape(-1), 0, keepdims=False)
-    return jnp.minimum(ids, jnp.max(ids) + jnp.isnan(probe).astype(ids.dtype))
+    nan = jnp.zeros((), bool)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            nan = nan | jnp.isnan(leaf[(0,) * leaf.ndim])
+    return jnp.minimum(ids, jnp.max(ids) + nan.astype(ids.dtype))
 
 
 def lean_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, layers, has_aux=False):
@@ -579,7 +582,10 @@ def lean_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, laye
     def step(params, opt_state, *args, **kwargs):
         ids = active_layers(opt_state)
         value, grads = grad_fn(params, ids, *args, **kwargs)
-        view = layer_view(params, _after(ids, grads), layers=layers)
+        _, treedef, roles = _stacked(params, layers)
+        stacked = [g for g, r in zip(treedef.flatten_up_to(grads), roles, strict=True)
+                   if r == layers_lib.STACKED]  # fmt: skip
+        view = layer_view(params, _after(ids, stacked), layers=layers)
         updates, opt_state = tx.update(
             grads, opt_state, view, active_layers=ids, num_layers=_depth(params, layers)
         )
