@@ -93,8 +93,25 @@ def _direction(u, s, v, update, max_value, eps):
     return (u * w) @ v.T
 
 
-def _over_layers(fn, stacked, batched: bool | None = None):
-    """``fn`` on one matrix, or on every layer of a stacked leaf.
+def _explicit_layer_split(x):
+    """(mesh, axes) when the layer axis of the stacked ``x`` is split over `Explicit` mesh axes
+    (visible in its type, under jit too), else None."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 - not a jax value
+        return None
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or not spec or spec[0] is None:
+        return None
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if any(types[a] != jax.sharding.AxisType.Explicit for a in axes):
+        return None
+    return mesh, spec[0]
+
+
+def _over_layers(fn, stacked, batched: bool | None = None, like=None):
+    """``fn`` on one matrix, or on every layer of a stacked leaf (shaped like ``like``).
 
     On CPU layer by layer (``lax.map``), elsewhere batched (``vmap``). jaxlib 0.10's CPU LAPACK
     kernels (QR, SVD) split a batch over XLA:CPU's intra-op pool and block a pool thread until
@@ -103,12 +120,30 @@ def _over_layers(fn, stacked, batched: bool | None = None):
     even with the calls chained by ``optimization_barrier`` (it does not keep them apart).
     A call on one matrix runs inline and never waits on the pool, whatever else runs. The BLAS
     threads under those calls: see `omgd_jax.lapack_threads`.
+
+    ``lax.map`` cannot walk a layer axis split over `Explicit` mesh axes; then every device maps
+    over its own layers (``shard_map``), so the results are split along the layer axis like
+    ``like`` (the other axes gathered: a factorisation needs whole matrices). ``vmap`` keeps
+    the layer axis' sharding by itself.
     """
     if not stacked:
         return fn
     if batched is None:
         batched = jax.default_backend() != "cpu"
-    return jax.vmap(fn) if batched else (lambda *args: jax.lax.map(lambda a: fn(*a), args))
+    if batched:
+        return jax.vmap(fn)
+
+    def per_layer(*args):
+        return jax.lax.map(lambda a: fn(*a), args)
+
+    split = None if like is None else _explicit_layer_split(like)
+    if split is None:
+        return per_layer
+    mesh, axes = split
+    spec = jax.sharding.PartitionSpec(axes)
+    sharded = jax.shard_map(per_layer, mesh=mesh, in_specs=spec, out_specs=spec)
+    place = jax.sharding.NamedSharding(mesh, spec)
+    return lambda *args: sharded(*(jax.sharding.reshard(a, place) for a in args))
 
 
 def scale_by_mofasgd(
@@ -227,7 +262,8 @@ def scale_by_mofasgd(
             leaf_key = jax.random.fold_in(base_key, i)
             if len(d) == 3:
                 keys = jax.random.split(leaf_key, d[0])
-                u, s, v = _over_layers(lambda a, k, r=r: init_one(a, k, r), True)(w, keys)
+                init_layers = _over_layers(lambda a, k, r=r: init_one(a, k, r), True, like=w)
+                u, s, v = init_layers(w, keys)
             else:
                 u, s, v = init_one(w, leaf_key, r)
             us.append(u), ss.append(s), vs.append(v)
@@ -235,14 +271,15 @@ def scale_by_mofasgd(
 
     def update_leaf(g, stacked, u, s, v, first):
         g32 = g.astype(jnp.float32)
-        step = _over_layers(lambda *a: factored_momentum_step(*a, beta), stacked)
+        step = _over_layers(lambda *a: factored_momentum_step(*a, beta), stacked, like=g)
         if init == "grad_svd":
             r = s.shape[-1]
-            from_grad = _over_layers(lambda a: _truncated_svd(a, r), stacked)
+            from_grad = _over_layers(lambda a: _truncated_svd(a, r), stacked, like=g)
             u, s, v = jax.lax.cond(first, lambda: from_grad(g32), lambda: step(u, s, v, g32))
         else:
             u, s, v = step(u, s, v, g32)
-        direction = _over_layers(lambda *a: _direction(*a, update, max_value, eps), stacked)
+        # no LAPACK call: batched everywhere, the layer axis' sharding kept
+        direction = _over_layers(lambda *a: _direction(*a, update, max_value, eps), stacked, True)
         return direction(u, s, v).astype(g.dtype), u, s, v
 
     def update_fn(updates, state, params=None, **extra_args):
