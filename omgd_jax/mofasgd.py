@@ -173,7 +173,9 @@ def scale_by_mofasgd(
     At full rank the momentum is exactly the dense :math:`\beta M + G`. State: r(m + n) + r
     floats per matrix. Leaves that are not matrices (``optax.MaskedNode`` under
     ``optax.partition`` included) pass through only if they are not arrays; use
-    :func:`mofasgd` to send them to AdamW.
+    :func:`mofasgd` to send them to AdamW. On CPU, tracing ``init`` or ``update`` sets SciPy's
+    BLAS (under XLA's LAPACK calls) to one thread for the process: see
+    ``omgd_jax.lapack_threads``.
 
     Args:
       rank: r, the rank of the momentum (clipped to min(m, n) per matrix).
