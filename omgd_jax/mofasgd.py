@@ -16,6 +16,7 @@ import optax
 
 from omgd_jax import blocks
 from omgd_jax import layers as layers_lib
+from omgd_jax.lapack_threads import single_threaded_lapack
 from omgd_jax.schedule import canonical_key, check_choice, check_int, check_key
 
 UPDATES = ("orthogonal", "inverse_sv")
@@ -73,11 +74,12 @@ def factored_momentum_step(u, s, v, g, beta):
     r = s.shape[0]
     gv, gtu = g @ v, g.T @ u
     q_u, r_u = jnp.linalg.qr(jnp.concatenate([u, gv], axis=1))
-    _, (v, gtu) = jax.lax.optimization_barrier((r_u, (v, gtu)))  # one LAPACK call at a time
     q_v, r_v = jnp.linalg.qr(jnp.concatenate([v, gtu], axis=1))
-    eye, zero = jnp.eye(r, dtype=g.dtype), jnp.zeros((r, r), g.dtype)
-    b = jnp.block([[beta * jnp.diag(s) - u.T @ gv, eye], [eye, zero]])
-    small_u, small_s, small_v = _truncated_svd(r_u @ b @ r_v.T, r)
+    # R_U B R_V^T by blocks, (R_U1 C + R_U2) R_V1^T + R_U1 R_V2^T with C = beta diag(S) - U^T G V:
+    # no constant blocks (I, 0) concatenated, which vmap over a sharded layer axis cannot place.
+    ru1, ru2, rv1, rv2 = r_u[:, :r], r_u[:, r:], r_v[:, :r], r_v[:, r:]
+    left = beta * ru1 * s - ru1 @ (u.T @ gv) + ru2
+    small_u, small_s, small_v = _truncated_svd(left @ rv1.T + ru1 @ rv2.T, r)
     return q_u @ small_u, small_s, q_v @ small_v
 
 
@@ -91,20 +93,57 @@ def _direction(u, s, v, update, max_value, eps):
     return (u * w) @ v.T
 
 
-def _over_layers(fn, stacked, batched: bool | None = None):
-    """``fn`` on one matrix, or on every layer of a stacked leaf.
+def _explicit_layer_split(x):
+    """(mesh, axes) when the layer axis of the stacked ``x`` is split over `Explicit` mesh axes
+    (visible in its type, under jit too), else None."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 - not a jax value
+        return None
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or not spec or spec[0] is None:
+        return None
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if any(types[a] != jax.sharding.AxisType.Explicit for a in axes):
+        return None
+    return mesh, spec[0]
 
-    On CPU layer by layer (``lax.map``), elsewhere batched (``vmap``). XLA:CPU's LAPACK calls
-    (QR, SVD) hand their batch to its thread pool and wait, and two of them at once can starve
-    a small pool for good (a deadlock seen on 2 cores with jax 0.10.2); `scale_by_mofasgd`
-    therefore also chains its matrices (and the two QRs of a step) with
-    ``optimization_barrier``, so that one such call runs at a time.
+
+def _over_layers(fn, stacked, batched: bool | None = None, like=None):
+    """``fn`` on one matrix, or on every layer of a stacked leaf (shaped like ``like``).
+
+    On CPU layer by layer (``lax.map``), elsewhere batched (``vmap``). jaxlib 0.10's CPU LAPACK
+    kernels (QR, SVD) split a batch over XLA:CPU's intra-op pool and block a pool thread until
+    it is done, so as many batched calls at once as the pool has threads (2 on 2 cores)
+    deadlock: gdb shows every pool thread in ``jax::ParallelBatchMap`` waiting, at 0% CPU,
+    even with the calls chained by ``optimization_barrier`` (it does not keep them apart).
+    A call on one matrix runs inline and never waits on the pool, whatever else runs. The BLAS
+    threads under those calls: see `omgd_jax.lapack_threads`.
+
+    ``lax.map`` cannot walk a layer axis split over `Explicit` mesh axes; then every device maps
+    over its own layers (``shard_map``), so the results are split along the layer axis like
+    ``like`` (the other axes gathered: a factorisation needs whole matrices). ``vmap`` keeps
+    the layer axis' sharding by itself.
     """
     if not stacked:
         return fn
     if batched is None:
         batched = jax.default_backend() != "cpu"
-    return jax.vmap(fn) if batched else (lambda *args: jax.lax.map(lambda a: fn(*a), args))
+    if batched:
+        return jax.vmap(fn)
+
+    def per_layer(*args):
+        return jax.lax.map(lambda a: fn(*a), args)
+
+    split = None if like is None else _explicit_layer_split(like)
+    if split is None:
+        return per_layer
+    mesh, axes = split
+    spec = jax.sharding.PartitionSpec(axes)
+    sharded = jax.shard_map(per_layer, mesh=mesh, in_specs=spec, out_specs=spec)
+    place = jax.sharding.NamedSharding(mesh, spec)
+    return lambda *args: sharded(*(jax.sharding.reshard(a, place) for a in args))
 
 
 def scale_by_mofasgd(
@@ -134,7 +173,9 @@ def scale_by_mofasgd(
     At full rank the momentum is exactly the dense :math:`\beta M + G`. State: r(m + n) + r
     floats per matrix. Leaves that are not matrices (``optax.MaskedNode`` under
     ``optax.partition`` included) pass through only if they are not arrays; use
-    :func:`mofasgd` to send them to AdamW.
+    :func:`mofasgd` to send them to AdamW. On CPU, tracing ``init`` or ``update`` sets SciPy's
+    BLAS (under XLA's LAPACK calls) to one thread for the process: see
+    ``omgd_jax.lapack_threads``.
 
     Args:
       rank: r, the rank of the momentum (clipped to min(m, n) per matrix).
@@ -199,13 +240,21 @@ def scale_by_mofasgd(
         eye = lambda k: jnp.eye(k, r, dtype=jnp.float32)
         return eye(m), jnp.zeros(r, jnp.float32), eye(n)
 
+    def on_cpu():
+        # SciPy's BLAS threads, started inside XLA:CPU's LAPACK kernels, busy-wait for a core
+        # the intra-op pool holds: 1000x slower QRs / SVDs on a shared machine (the GPT-2
+        # small-bytes step stalled); see `omgd_jax.lapack_threads`. Set before the first run.
+        if jax.default_backend() == "cpu":
+            single_threaded_lapack()
+
     def init_fn(params):
+        on_cpu()
         leaves, dims = shapes(params)
         if type(params).__name__ == "_ParamsPlaceholder" or not leaves:
             return ScaleByMofasgdState(jnp.zeros([], jnp.int32), *(_NotParams(),) * 3)
         check(leaves, dims)
         base_key = canonical_key(key)
-        us, ss, vs, previous = [], [], [], None
+        us, ss, vs = [], [], []
         for i, (x, d) in enumerate(zip(leaves, dims, strict=True)):
             if d is None:
                 us.append(None), ss.append(None), vs.append(None)
@@ -213,48 +262,43 @@ def scale_by_mofasgd(
             w = x if isinstance(x, jax.Array) else jnp.zeros(x.shape, x.dtype)
             r = effective_rank(rank, *d[-2:])
             leaf_key = jax.random.fold_in(base_key, i)
-            if previous is not None:  # one matrix after the other, see `_over_layers`
-                _, w = jax.lax.optimization_barrier((previous, w))
             if len(d) == 3:
                 keys = jax.random.split(leaf_key, d[0])
-                u, s, v = _over_layers(lambda a, k, r=r: init_one(a, k, r), True)(w, keys)
+                init_layers = _over_layers(lambda a, k, r=r: init_one(a, k, r), True, like=w)
+                u, s, v = init_layers(w, keys)
             else:
                 u, s, v = init_one(w, leaf_key, r)
-            previous = s
             us.append(u), ss.append(s), vs.append(v)
         return ScaleByMofasgdState(jnp.zeros([], jnp.int32), tuple(us), tuple(ss), tuple(vs))
 
     def update_leaf(g, stacked, u, s, v, first):
         g32 = g.astype(jnp.float32)
-        step = _over_layers(lambda *a: factored_momentum_step(*a, beta), stacked)
+        step = _over_layers(lambda *a: factored_momentum_step(*a, beta), stacked, like=g)
         if init == "grad_svd":
             r = s.shape[-1]
-            from_grad = _over_layers(lambda a: _truncated_svd(a, r), stacked)
+            from_grad = _over_layers(lambda a: _truncated_svd(a, r), stacked, like=g)
             u, s, v = jax.lax.cond(first, lambda: from_grad(g32), lambda: step(u, s, v, g32))
         else:
             u, s, v = step(u, s, v, g32)
-        direction = _over_layers(lambda *a: _direction(*a, update, max_value, eps), stacked)
+        # no LAPACK call: batched everywhere, the layer axis' sharding kept
+        direction = _over_layers(lambda *a: _direction(*a, update, max_value, eps), stacked, True)
         return direction(u, s, v).astype(g.dtype), u, s, v
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        on_cpu()
         leaves, treedef = jax.tree.flatten(updates)
         dims = [_matrix_shape(x) for x in leaves]
         check(leaves, dims)
         first = state.mofasgd_count == 0
         out, us, ss, vs = [], [], [], []
-        previous = None
         for g, d, u, s, v in zip(
             leaves, dims, state.mofasgd_u, state.mofasgd_s, state.mofasgd_v, strict=True
         ):
             if d is None:
                 out.append(g), us.append(None), ss.append(None), vs.append(None)
                 continue
-            if previous is not None:
-                # One matrix after the other: see `_over_layers` (LAPACK calls at once deadlock).
-                _, (g, u, s, v) = jax.lax.optimization_barrier((previous, (g, u, s, v)))
             direction, u, s, v = update_leaf(g, len(d) == 3, u, s, v, first)
-            previous = s
             out.append(direction)
             us.append(u), ss.append(s), vs.append(v)
         new_state = ScaleByMofasgdState(

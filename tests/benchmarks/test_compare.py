@@ -64,3 +64,90 @@ def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_pa
 def test_pareto_front_keeps_the_points_nothing_beats():
     points = [(3.0, 1.0), (1.0, 3.0), (2.0, 2.0), (2.5, 2.5), (1.5, 3.5)]
     assert pareto_front(points) == [1, 2, 0]  # (2.5, 2.5) and (1.5, 3.5) are dominated
+
+
+# ------------------------------------------------------------- --methods and --merge (no training)
+LABELS = [label for label, _, _ in compare.METHODS]
+
+
+def record(label, loss):
+    """A record with the fields the table and figures read; `loss` tells runs apart."""
+    optimizer = dict((m, o) for m, o, _ in compare.METHODS).get(label, "x")
+    return {"method": label, "optimizer": optimizer, "best_lr": 1e-3, "val_loss_mean": loss,
+            "val_loss_std": 0.01, "opt_state_bytes": 2**20, "peak_memory_bytes": 2**22,
+            "step_time_rel_adamw": 1.0, "best_run": {"train_loss": [loss + 1, loss + 0.5, loss],
+                                                     "val": [(3, loss)]}}  # fmt: skip
+
+
+def document(labels, loss, partial=False, **setting):
+    base = dict(preset="small-bytes", steps=3, seeds=2, quick=False, tokens_per_run=24)
+    doc = {"setting": {**base, **setting}, "records": [record(m, loss) for m in labels]}
+    return {**doc, "partial": True} if partial else doc
+
+
+def test_select_methods_takes_labels_or_optimizer_names_and_adds_adamw():
+    assert [m[0] for m in compare.select_methods("MoFaSGD")] == ["AdamW", "MoFaSGD"]
+    assert [m[0] for m in compare.select_methods("mofasgd, LISA")] == ["AdamW", "LISA", "MoFaSGD"]
+    # a label with commas of its own, then another
+    chosen = compare.select_methods("OMGD-layer (LISA-wor, compact, lean step),magma")
+    assert [m[1] for m in chosen] == ["adamw", "omgd-layer", "magma"]
+    assert compare.select_methods("adamw") == compare.METHODS[:1]
+    with pytest.raises(ValueError, match=r"unknown method 'Adam'.*'MoFaSGD' \(mofasgd\)"):
+        compare.select_methods("MoFaSGD,Adam")
+
+
+def test_methods_flag_refuses_unknown_names_before_training(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path / "c.json"), "--data", "x", "--methods", "sgd"])
+    err = capsys.readouterr().err
+    assert "unknown method 'sgd'" in err and "'GaLore' (galore)" in err
+
+
+def test_merge_replaces_the_methods_run_and_keeps_the_others():
+    old = document(LABELS, loss=3.0)
+    new = document(["AdamW", "MoFaSGD"], loss=2.0, wall_s=5.0)
+    doc = compare.merge(old, new)
+    assert [r["method"] for r in doc["records"]] == LABELS  # METHODS order
+    losses = {r["method"]: r["val_loss_mean"] for r in doc["records"]}
+    assert losses == {m: (2.0 if m in ("AdamW", "MoFaSGD") else 3.0) for m in LABELS}
+    assert "partial" not in doc and doc["setting"]["wall_s"] == 5.0
+    # the README's case: a partial document missing MoFaSGD becomes complete
+    missing = document(LABELS[:-1], loss=3.0, partial=True)
+    done = compare.merge(missing, document(["AdamW", "MoFaSGD"], loss=2.0))
+    assert [r["method"] for r in done["records"]] == LABELS and "partial" not in done
+    # still partial: a method missing, or the new run not finished
+    assert compare.merge(document(LABELS[:5], 3.0), new)["partial"] is True
+    assert compare.merge(old, document(["AdamW"], 2.0, partial=True))["partial"] is True
+    assert compare.merge(None, new)["partial"] is True
+    with pytest.raises(ValueError, match="steps: 3 there, 300 now"):
+        compare.merge(old, document(["AdamW"], 2.0, steps=300))
+
+
+def test_main_merge_keeps_the_file_whole_during_and_after_the_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "compare.json"
+    out.write_text(json.dumps(document(LABELS[:-1], loss=3.0, partial=True)))
+    seen = {}
+
+    def fake_run(setting, data, grid, methods, progress, on_record):
+        assert [m[0] for m in methods] == ["AdamW", "MoFaSGD"]
+        on_record([record("AdamW", 2.0)])  # mid-run save: merged, the others still there
+        seen["mid"] = json.loads(out.read_text())
+        return document(["AdamW", "MoFaSGD"], loss=2.0, steps=setting["steps"],
+                        seeds=setting["seeds"], lr_grid=list(grid))  # fmt: skip
+
+    monkeypatch.setattr(compare, "run", fake_run)
+    args = ["--out", str(out), "--data", "x", "--steps", "3", "--seeds", "2", "--no-progress"]
+    compare.main([*args, "--methods", "MoFaSGD", "--merge"])
+    assert [r["method"] for r in seen["mid"]["records"]] == LABELS[:-1] and seen["mid"]["partial"]
+    doc = json.loads(out.read_text())
+    assert [r["method"] for r in doc["records"]] == LABELS and "partial" not in doc
+    losses = {r["method"]: r["val_loss_mean"] for r in doc["records"]}
+    assert losses["MoFaSGD"] == losses["AdamW"] == 2.0 and losses["LISA"] == 3.0
+    table = capsys.readouterr().out
+    assert all(f"| {m} |" in table for m in LABELS)
+    for key in ("loss", "pareto"):
+        assert (out.parent / doc["figures"][key]).read_bytes()[:4] == b"\x89PNG"
+    # without --merge the file holds this run's methods only, marked partial
+    compare.main([*args, "--methods", "MoFaSGD"])
+    doc = json.loads(out.read_text())
+    assert [r["method"] for r in doc["records"]] == ["AdamW", "MoFaSGD"] and doc["partial"]

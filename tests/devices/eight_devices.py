@@ -7,6 +7,8 @@ Figures asserted here (8 CPU devices, mesh axis "fsdp"):
 * every transformation of the library, jitted, data parallel and FSDP == one device, rtol 1e-5
   atol 1e-6 (float32 reductions in another order; SVD-based ones rtol 1e-4 atol 1e-5); the lean
   step with a batch-sharded loss: rtol 1e-4 atol 1e-4. Run under XLA -O0 (faster compiles).
+* MoFaSGD on a stack split along its layers: Explicit axes, factors split the same way (1/8 of
+  their bytes per device); Auto axes, replicated; updates == one device, rtol 1e-4 atol 1e-5.
 """
 
 from __future__ import annotations
@@ -230,6 +232,37 @@ def test_eight_devices_data_parallel_and_fsdp_equal_one_device(name, tx):
             one_params = optax.apply_updates(one_params, u1)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), params, one_params)
         assert not np.allclose(params["wte"], tree()["wte"])  # it trained
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_mofasgd_factors_of_a_stack_split_along_its_layers(axis_type):
+    """FSDP over the layer axis of a stacked [8, 16, 12] weight, init and update jitted.
+    Explicit axes: U, S and V (and the update) split along the layer axis like the weight, each
+    device holding 1/8 of the factors. Auto axes: the shardings are not visible while tracing,
+    so XLA's choice: replicated (a jitted train step's in/out shardings place them). Either
+    way the updates equal one device's, rtol 1e-4 atol 1e-5."""
+    mesh = mesh_of(axis_type)
+    split = NamedSharding(mesh, P("fsdp", None, None))
+    w = jax.random.normal(jax.random.key(0), (8, 16, 12))
+    grads = [jax.random.normal(jax.random.key(t), (8, 16, 12)) for t in range(1, 4)]
+    tx = omgd_jax.scale_by_mofasgd(rank=3)
+    one_state, update = jax.jit(tx.init)({"k": w}), jax.jit(tx.update)
+    with jax.set_mesh(mesh):
+        params = {"k": jax.device_put(w, split)}
+        state, outs = jax.jit(tx.init)(params), []
+        for g in grads:
+            u, state = update({"k": jax.device_put(g, split)}, state, params)
+            u1, one_state = update({"k": g}, one_state)
+            np.testing.assert_allclose(u["k"], u1["k"], rtol=1e-4, atol=1e-5)
+            outs.append(np.asarray(u["k"]))
+    assert not np.allclose(outs[0], outs[-1])  # the momentum moves
+    factors = (state.mofasgd_u[0], state.mofasgd_s[0], state.mofasgd_v[0])
+    assert [x.shape for x in factors] == [(8, 16, 3), (8, 3), (8, 12, 3)]
+    expected = ("fsdp",) if axis_type == AxisType.Explicit else ()
+    assert [spec_of(x) for x in (*factors, u["k"])] == [expected] * 4
+    total = sum(x.nbytes for x in factors)
+    share = 8 if axis_type == AxisType.Explicit else 1
+    assert per_device_bytes(factors) == total // share
 
 
 def test_lean_step_on_eight_devices_equals_one_device():
