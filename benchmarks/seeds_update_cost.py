@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 import omgd_jax
+from benchmarks import host_memory
 from benchmarks.update_cost import compile_step, time_interleaved
 from examples.gpt2.model import GPT, get_config
 
@@ -64,7 +65,12 @@ def main(argv=None):
     parser.add_argument(
         "--only", default="", help="regex: measure only matching optimizers (adamw always runs)"
     )
+    parser.add_argument(
+        "--malloc", default="hold", choices=host_memory.MALLOC_CHOICES,
+        help="hold: keep freed host memory (no per-call page faults); default: glibc as is",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
 
     shapes = gpt2_124m_shapes(args.preset)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
@@ -73,15 +79,17 @@ def main(argv=None):
         for name, tx in optimizers().items()
         if name == "adamw" or re.search(args.only, name)
     }
-    medians = time_interleaved(steps, shapes, args.repeats)
+    medians, faults = time_interleaved(steps, shapes, args.repeats)
     rows = {}
     for name, step in steps.items():
-        rows[name] = {k: v for k, v in step.items() if k not in ("compiled", "init")}
+        rows[name] = {k: v for k, v in step.items() if k not in ("compiled", "init", "grad_shapes")}
         rows[name]["update_s"] = medians[name]
+        rows[name]["minor_faults_per_call"] = faults[name]
     base = rows["adamw"]
     print(
         f"\nGPT-2 example tree ({args.preset}): {n_params / 1e6:.1f}M parameters, "
-        f"jax {jax.__version__}, {jax.devices()[0].platform}, median of {args.repeats}"
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, median of {args.repeats}, "
+        f"malloc {malloc}"
     )
     print(f"{'optimizer':30s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} {'x adamw':>7s}")
     for name, r in rows.items():
@@ -98,6 +106,7 @@ def main(argv=None):
             "jax": jax.__version__,
             "platform": jax.devices()[0].platform,
             "repeats": args.repeats,
+            "malloc": malloc,
             "rows": rows,
         }
         with open(args.out, "w") as f:

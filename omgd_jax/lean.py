@@ -22,8 +22,10 @@ What each layer keeps for the backward pass:
   layer gives its input cotangent alone (no weight-gradient matmuls), an active one its
   weight cotangent too, written into its slot of the ``[gamma, ...]`` gradient. Least memory.
 * ``remat=False``: the residuals of its linearisation (what ``jax.vjp`` keeps, weights not
-  copied), as an ordinary backward pass would; no recomputation. Inactive layers still skip
-  the weight-gradient matmuls (XLA removes them as dead code of the inactive branch).
+  copied), as an ordinary backward pass would; residuals that depend on neither the weights
+  nor the input (a causal mask built in the layer) are kept once for all layers. No
+  recomputation; inactive layers still skip the weight-gradient matmuls (XLA removes them as
+  dead code of the inactive branch).
 """
 
 from __future__ import annotations
