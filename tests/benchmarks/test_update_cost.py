@@ -10,7 +10,7 @@ def test_update_cost_writes_ratios_state_and_faults(tmp_path):
     update_cost.main(
         [
             "--layers",
-            "1",
+            "6",
             "--only",
             "lean",
             "--repeats",
