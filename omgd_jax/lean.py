@@ -97,6 +97,23 @@ def add_to_layers(stack, updates, ids: jax.Array):
     separate writes instead (0.55x against 0.60x ``optax.adamw``'s time for the GPT-2-124M
     lean update). An update of another dtype is added layer by layer, each layer read from
     the stack where it is written (the pattern XLA keeps in place), in the promoted dtype.
+
+    Args:
+      stack: pytree whose leaves lead with the layer axis N_L.
+      updates: pytree like ``stack`` with leading axis gamma.
+      ids: int32[gamma], the layer each slot of ``updates`` is added to.
+
+    Returns:
+      ``stack`` with the gamma layers updated, the others bit-for-bit unchanged.
+
+    Examples:
+      >>> import jax.numpy as jnp, omgd_jax
+      >>> stack = {"w": jnp.zeros((4, 2))}
+      >>> omgd_jax.add_to_layers(stack, {"w": jnp.ones((2, 2))}, jnp.array([3, 1]))["w"]
+      Array([[0., 0.],
+             [1., 1.],
+             [0., 0.],
+             [1., 1.]], dtype=float32)
     """
 
     def one(a, u):
