@@ -33,6 +33,16 @@ def hold_freed_memory() -> bool:
     return all(libc.mallopt(k, v) == 1 for k, v in settings)
 
 
+def add_argument(parser) -> None:
+    """The ``--malloc`` flag of the timing benchmarks."""
+    parser.add_argument(
+        "--malloc",
+        default="hold",
+        choices=MALLOC_CHOICES,
+        help="hold: keep freed host memory (no per-call page faults); default: glibc as is",
+    )
+
+
 def configure(choice: str) -> str:
     """Applies ``--malloc`` (one of MALLOC_CHOICES) and says what is in effect."""
     if choice not in MALLOC_CHOICES:

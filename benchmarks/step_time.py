@@ -117,10 +117,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (median)")
     parser.add_argument("--remat", action="store_true", help="per-layer remat on both rows")
     parser.add_argument("--only", default=None, help="setups whose name contains this string")
-    parser.add_argument(
-        "--malloc", default="hold", choices=host_memory.MALLOC_CHOICES,
-        help="hold: keep freed host memory (no per-call page faults); default: glibc as is",
-    )  # fmt: skip
+    host_memory.add_argument(parser)
     args = parser.parse_args(argv)
     malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
     records = []

@@ -157,10 +157,7 @@ def main(argv=None):
         default="",
         help="regex: measure only matching optimizers (adamw, the baseline, always runs)",
     )
-    parser.add_argument(
-        "--malloc", default="hold", choices=host_memory.MALLOC_CHOICES,
-        help="hold: keep freed host memory (no per-call page faults); default: glibc as is",
-    )  # fmt: skip
+    host_memory.add_argument(parser)
     args = parser.parse_args(argv)
     malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
 

@@ -264,15 +264,23 @@ def _invariant_residuals(layer_fn, p, h):
         return [r for r in _residuals(jax.vjp(layer_fn, p, h)[1], p) if r is not None]
 
     closed = jax.make_jaxpr(residuals)(p, h)
-    free = [not d for d in _depends(closed.jaxpr, [True] * len(closed.jaxpr.invars))]
-    if not any(free):
-        return [None] * len(_residuals(jax.vjp(layer_fn, p, h)[1], p))
+    free = iter([not d for d in _depends(closed.jaxpr, [True] * len(closed.jaxpr.invars))])
     _, vjp = jax.vjp(layer_fn, p, h)  # only the free residuals are used: the rest is dead code
-    out, k = [], 0
-    for r in _residuals(vjp, p):
-        out.append(r if r is not None and free[k] else None)
-        k += r is not None
-    return out
+    return [r if r is not None and next(free) else None for r in _residuals(vjp, p)]
+
+
+def _call_jaxpr(eqn):
+    """The jaxpr a call-like equation (jit, remat, custom_jvp...) runs on its own operands."""
+    if eqn.primitive.name in ("scan", "while", "cond"):
+        return None
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        j = getattr(eqn.params.get(name), "jaxpr", eqn.params.get(name))
+        if j is not None and (len(j.invars), len(j.outvars)) == (
+            len(eqn.invars),
+            len(eqn.outvars),
+        ):
+            return j
+    return None
 
 
 def _depends(jaxpr, inputs_depend) -> list[bool]:
@@ -284,18 +292,9 @@ def _depends(jaxpr, inputs_depend) -> list[bool]:
 
     for eqn in jaxpr.eqns:
         ins = [depends(v) for v in eqn.invars]
-        inner = next(
-            (
-                getattr(j, "jaxpr", j)
-                for j in (eqn.params.get(k) for k in ("jaxpr", "call_jaxpr", "fun_jaxpr"))
-                if j is not None
-                and len(getattr(j, "jaxpr", j).invars) == len(eqn.invars)
-                and len(getattr(j, "jaxpr", j).outvars) == len(eqn.outvars)
-            ),
-            None,
-        )
-        if inner is not None and eqn.primitive.name not in ("scan", "while", "cond"):
-            outs = _depends(inner, ins)  # a call (jit, remat, custom_jvp...): look inside
+        inner = _call_jaxpr(eqn)
+        if inner is not None:  # look inside the call
+            outs = _depends(inner, ins)
         else:  # loops, branches and the rest: any dependent input taints every output
             outs = [any(ins)] * len(eqn.outvars)
         dep.update(v for v, d in zip(eqn.outvars, outs, strict=True) if d)
