@@ -17,16 +17,23 @@ cross-entropy over chunks of tokens (no full-vocabulary logits). LLaMA-7B is 16-
 (weights, gradients, moments) as the paper counts; on the CPU backend bf16 matmuls are
 widened to f32 and the widening of the whole weight stack is hoisted out of the layer loop,
 so the 16-bit rows use float16 with
-`--xla_disable_hlo_passes=change-op-data-type` (same bytes as bf16).
+`--xla_disable_hlo_passes=change-op-data-type` (same bytes as bf16). XLA:CPU also hands row
+reductions (RMSNorm's mean of squares and its backward) to YNNPACK, whose fusions take their
+broadcast operands materialised: at LLaMA-7B four f32 [16, 256, 4096] broadcasts (256 MiB)
+sit in every layer's backward, which an accelerator fuses away. Every row is compiled with
+`--xla_cpu_experimental_ynn_fusion_type=-reduce` (XLA's own reductions instead); `--ynn`
+keeps XLA:CPU's default.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_disable_hlo_passes=change-op-data-type"
-).strip()
+_FLAGS = " --xla_disable_hlo_passes=change-op-data-type"
+if "--ynn" not in sys.argv:
+    _FLAGS += " --xla_cpu_experimental_ynn_fusion_type=-reduce"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _FLAGS).strip()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -150,6 +157,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the records as JSON to this file")
     parser.add_argument("--only", default=None, help="models whose name contains this string")
+    parser.add_argument(
+        "--ynn",
+        action="store_true",
+        help="keep XLA:CPU's YNNPACK reduce fusions (materialised broadcasts; read at import)",
+    )
     args = parser.parse_args(argv)
     records = []
     todo = [m for m in models() if args.only is None or args.only in m[0]]
@@ -176,7 +188,15 @@ def main(argv=None):
             )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "records": records}, f, indent=1)
+            json.dump(
+                {
+                    "device": jax.devices()[0].device_kind,
+                    "xla_flags": os.environ["XLA_FLAGS"],
+                    "records": records,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 import omgd_jax
+from examples.embedding import embed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,7 @@ class GPT(nnx.Module):
         T = idx.shape[1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-        x = self.wte(idx) + self.wpe(jnp.arange(T))[None]
+        x = embed(self.wte, idx) + self.wpe(jnp.arange(T))[None]
 
         # omgd_jax.scan_layers is lax.scan over the stacked blocks; under omgd_jax's lean
         # layer-wise step it differentiates only the active blocks.

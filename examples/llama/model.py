@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 import omgd_jax
+from examples.embedding import embed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Llama(nnx.Module):
         x = omgd_jax.scan_layers(
             lambda layer, h: nnx.merge(graphdef, layer)(h),
             stack,
-            self.embed(idx),
+            embed(self.embed, idx),
             remat=self.cfg.remat,
         )
         return self.norm(x)
