@@ -27,28 +27,29 @@ keeps XLA:CPU's default.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
-import sys
 
-_FLAGS = " --xla_disable_hlo_passes=change-op-data-type"
-if "--ynn" not in sys.argv:
-    _FLAGS += " --xla_cpu_experimental_ynn_fusion_type=-reduce"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _FLAGS).strip()
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import omgd_jax  # noqa: E402
+import omgd_jax
 
 LAYERS = r"^blocks/"
 GIB = 2**30
+
+
+def xla_flags(ynn: bool = False) -> str:
+    """XLA_FLAGS for the measurement: 16-bit matmuls kept 16-bit; YNNPACK reductions off."""
+    flags = "--xla_disable_hlo_passes=change-op-data-type"
+    if not ynn:
+        flags += " --xla_cpu_experimental_ynn_fusion_type=-reduce"
+    return (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
 
 
 def nbytes(tree) -> int:
@@ -160,9 +161,11 @@ def main(argv=None):
     parser.add_argument(
         "--ynn",
         action="store_true",
-        help="keep XLA:CPU's YNNPACK reduce fusions (materialised broadcasts; read at import)",
+        help="keep XLA:CPU's YNNPACK reduce fusions (they materialise their broadcast operands)",
     )
     args = parser.parse_args(argv)
+    # Read when JAX creates its CPU client, which nothing above has done yet.
+    os.environ["XLA_FLAGS"] = xla_flags(args.ynn)
     records = []
     todo = [m for m in models() if args.only is None or args.only in m[0]]
     bar = tqdm(total=len(todo) * 5, desc="compiling steps")
