@@ -203,10 +203,18 @@ def _scale_by_projected_adam(
         def new_projector(i, g, old, spec):
             left, r = spec
 
-            def svd():
-                u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+            def svd_one(m):
+                u, _, vh = jnp.linalg.svd(m.astype(jnp.float32), full_matrices=False)
                 basis = u if left else _t(vh)
                 return basis[..., :r].astype(old.dtype)
+
+            def svd():
+                if g.ndim == 2:
+                    return svd_one(g)
+                # One matrix at a time: a batched SVD widens the whole stack to float32 and
+                # holds every layer's factors at once.
+                flat = g.reshape((-1,) + g.shape[-2:])
+                return jax.lax.map(svd_one, flat).reshape(old.shape)
 
             def random():
                 d = old.shape[-2]

@@ -332,3 +332,21 @@ def test_inject_hyperparams_with_static_args(factory, static):
     state.hyperparams["scale"] = jnp.asarray(0.5)  # a hyperparameter too (was 0.25)
     u2, _ = tx.update(g, state, params)
     np.testing.assert_allclose(u2["w"], 6 * u1["w"], rtol=1e-5)
+
+
+def test_stacked_svd_refresh_works_one_layer_at_a_time():
+    """The projector refresh factors a [N_L, m, n] stack layer by layer: its temporaries are
+    the full-size update plus one layer's factors, not a float32 copy and the factors of every
+    layer at once (2.25x the stack before)."""
+    layers, m, n = 8, 64, 256
+    params = {"blocks": {"kernel": jax.ShapeDtypeStruct((layers, m, n), jnp.float32)}}
+    tx = omgd_jax.galore(1e-3, rank=8, matrices=r"kernel")
+    state = jax.eval_shape(tx.init, params)
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(1, 2)).lower(params, state, params).compile()
+    stack, layer = layers * m * n * 4, m * n * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < stack + 4 * layer
