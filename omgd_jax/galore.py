@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from omgd_jax import layers as layers_lib
+from omgd_jax.lapack_threads import single_threaded_lapack_on_cpu
 from omgd_jax.layers import path_str
 from omgd_jax.schedule import canonical_key, check_choice, check_int, check_key
 
@@ -193,6 +194,9 @@ def _scale_by_projected_adam(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        # The SVD (GaLore) and QR (GoLore) run in XLA:CPU's LAPACK: one BLAS thread there, as
+        # for MoFaSGD (see `omgd_jax.lapack_threads`).
+        single_threaded_lapack_on_cpu()
         leaves, treedef = jax.tree.flatten(updates)
         layout = _layout(updates, rank, projector_side, matrices)
         projectors = treedef.flatten_up_to(state.galore_projector)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import functools
 
+import jax
+
 # Thread-count setters of the BLAS libraries SciPy may link (its wheels: scipy-openblas).
 _SETTERS = (
     "scipy_openblas_set_num_threads",
@@ -73,3 +75,10 @@ def single_threaded_lapack() -> bool:
             setter(1)
             return True
     return False
+
+
+def single_threaded_lapack_on_cpu() -> bool:
+    """:func:`single_threaded_lapack` when JAX's default backend is CPU, where XLA runs LAPACK;
+    what an optimizer that calls ``jnp.linalg`` (MoFaSGD, GaLore, GoLore) runs when it is built
+    into a program. Returns whether the BLAS was set (False off CPU)."""
+    return jax.default_backend() == "cpu" and single_threaded_lapack()

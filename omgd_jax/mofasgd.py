@@ -16,7 +16,7 @@ import optax
 
 from omgd_jax import blocks
 from omgd_jax import layers as layers_lib
-from omgd_jax.lapack_threads import single_threaded_lapack
+from omgd_jax.lapack_threads import single_threaded_lapack_on_cpu
 from omgd_jax.schedule import canonical_key, check_choice, check_int, check_key
 
 UPDATES = ("orthogonal", "inverse_sv")
@@ -244,8 +244,7 @@ def scale_by_mofasgd(
         # SciPy's BLAS threads, started inside XLA:CPU's LAPACK kernels, busy-wait for a core
         # the intra-op pool holds: 1000x slower QRs / SVDs on a shared machine (the GPT-2
         # small-bytes step stalled); see `omgd_jax.lapack_threads`. Set before the first run.
-        if jax.default_backend() == "cpu":
-            single_threaded_lapack()
+        single_threaded_lapack_on_cpu()
 
     def init_fn(params):
         on_cpu()
