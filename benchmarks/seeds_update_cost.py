@@ -22,7 +22,7 @@ from flax import nnx
 
 import omgd_jax
 from benchmarks import host_memory
-from benchmarks.update_cost import compile_step, time_interleaved
+from benchmarks.update_cost import add_ratios, compile_step, time_interleaved
 from examples.gpt2.model import GPT, get_config
 
 ADAMW = dict(b1=0.9, b2=0.95, weight_decay=0.1)
@@ -82,16 +82,14 @@ def main(argv=None):
         rows[name] = {k: v for k, v in step.items() if k not in ("compiled", "init", "grad_shapes")}
         rows[name]["update_s"] = medians[name]
         rows[name]["minor_faults_per_call"] = faults[name]
-    base = rows["adamw"]
     print(
         f"\nGPT-2 example tree ({args.preset}): {n_params / 1e6:.1f}M parameters, "
         f"jax {jax.__version__}, {jax.devices()[0].platform}, median of {args.repeats}, "
         f"malloc {malloc}"
     )
     print(f"{'optimizer':30s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} {'x adamw':>7s}")
+    add_ratios(rows)
     for name, r in rows.items():
-        r["time_ratio"] = r["update_s"] / base["update_s"]
-        r["state_ratio"] = r["state_bytes"] / base["state_bytes"]
         print(
             f"{name:30s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
             f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f}"

@@ -147,6 +147,14 @@ def time_interleaved(steps: dict, shapes, repeats: int) -> tuple[dict, dict]:
     return medians, {name: f / repeats for name, f in faults.items()}
 
 
+def add_ratios(rows: dict) -> None:
+    """Adds each row's time and state-bytes ratios to the "adamw" row's."""
+    base = rows["adamw"]
+    for r in rows.values():
+        r["time_ratio"] = r["update_s"] / base["update_s"]
+        r["state_ratio"] = r["state_bytes"] / base["state_bytes"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON to this file")
@@ -174,7 +182,6 @@ def main(argv=None):
         rows[name] = {k: v for k, v in step.items() if k not in skip}
         rows[name]["update_s"] = medians[name]
         rows[name]["minor_faults_per_call"] = faults[name]
-    base = rows["adamw"]
     header = (
         f"{'optimizer':34s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} "
         f"{'x adamw':>7s} {'XLA temp MB':>11s} {'faults/call':>11s}"
@@ -184,9 +191,8 @@ def main(argv=None):
         f"{jax.devices()[0].platform}, malloc {malloc}"
     )
     print(header)
+    add_ratios(rows)
     for name, r in rows.items():
-        r["time_ratio"] = r["update_s"] / base["update_s"]
-        r["state_ratio"] = r["state_bytes"] / base["state_bytes"]
         print(
             f"{name:34s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
             f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f} "

@@ -45,17 +45,23 @@ def _lapack_blas() -> ctypes.CDLL | None:
     return ctypes.CDLL(cython_lapack.__file__)
 
 
-def blas_threads() -> int | None:
-    """The thread count of the BLAS behind XLA:CPU's LAPACK kernels (None: not OpenBLAS/MKL)."""
+def _function(names, restype, argtypes):
+    """The first of ``names`` the BLAS behind SciPy's LAPACK exports, typed; None if none."""
     lib = _lapack_blas()
     if lib is None:
         return None
-    for name in _GETTERS:
-        getter = getattr(lib, name, None)
-        if getter is not None:
-            getter.restype, getter.argtypes = ctypes.c_int, []
-            return int(getter())
+    for name in names:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = restype, argtypes
+            return fn
     return None
+
+
+def blas_threads() -> int | None:
+    """The thread count of the BLAS behind XLA:CPU's LAPACK kernels (None: not OpenBLAS/MKL)."""
+    getter = _function(_GETTERS, ctypes.c_int, [])
+    return None if getter is None else int(getter())
 
 
 @functools.cache
@@ -65,16 +71,11 @@ def single_threaded_lapack() -> bool:
     A process-wide setting of SciPy's BLAS (NumPy's own BLAS is a separate library and keeps its
     threads). Returns whether a known BLAS (OpenBLAS, MKL) was found and set.
     """
-    lib = _lapack_blas()
-    if lib is None:
+    setter = _function(_SETTERS, None, [ctypes.c_int])
+    if setter is None:
         return False
-    for name in _SETTERS:
-        setter = getattr(lib, name, None)
-        if setter is not None:
-            setter.restype, setter.argtypes = None, [ctypes.c_int]
-            setter(1)
-            return True
-    return False
+    setter(1)
+    return True
 
 
 def single_threaded_lapack_on_cpu() -> bool:

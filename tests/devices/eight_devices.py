@@ -201,15 +201,6 @@ def test_every_transformation_of_the_library_is_listed():
     assert public - helpers <= covered, public - helpers - covered
 
 
-def run(tx, params, grads_list):
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    for g in grads_list:
-        updates, state = update(g, state, params)
-        params = optax.apply_updates(params, updates)
-    return params
-
-
 @pytest.mark.parametrize("name, tx", FACTORIES, ids=[n for n, _ in FACTORIES])
 def test_eight_devices_data_parallel_and_fsdp_equal_one_device(name, tx):
     """Jitted on an 8-device mesh, replicated (data parallel) and sharded (FSDP) == one device.
