@@ -13,17 +13,18 @@ whose key path has a `blocks` entry).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
+import time
 
 import jax
 import optax
 from flax import nnx
 
 import omgd_jax
+from benchmarks import report
 from examples.gpt2.model import GPT, get_config
-from omgd_jax.layers import path_str
+from omgd_jax._src.layers import path_str
 
 LR = 6e-4
 ADAMW = dict(b1=0.9, b2=0.95, weight_decay=0.1)
@@ -94,7 +95,7 @@ def formula(params, kind: str, **kw) -> int:
 def optimizers() -> dict[str, tuple[optax.GradientTransformation, int]]:
     params = gpt2_params()
     lisa = dict(**LISA, **ADAMW)
-    galore = dict(rank=RANK, update_proj_gap=200, scale=0.25, matrices=BLOCK_KERNELS)
+    galore = dict(rank=RANK, update_proj_gap=200, scale=0.25, leaves=BLOCK_KERNELS)
     return {
         "adamw": (optax.adamw(LR, **ADAMW), formula(params, "adamw")),
         "lisa (gamma=3 of 12, compact)": (
@@ -126,11 +127,11 @@ def optimizers() -> dict[str, tuple[optax.GradientTransformation, int]]:
             formula(params, "galore", side="paper"),
         ),
         "sift rate=0.1 (every weight; per layer in blocks)": (
-            omgd_jax.sift(LR, 0.1, layers=r"^blocks/", weight_decay=0.1),
+            omgd_jax.sift(LR, 0.1, stacked=r"^blocks/", weight_decay=0.1),
             formula(params, "sift", rate=0.1),
         ),
         "sift rate=0.2 (every weight; per layer in blocks)": (
-            omgd_jax.sift(LR, 0.2, layers=r"^blocks/", weight_decay=0.1),
+            omgd_jax.sift(LR, 0.2, stacked=r"^blocks/", weight_decay=0.1),
             formula(params, "sift", rate=0.2),
         ),
     }
@@ -140,6 +141,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
+    t0 = time.perf_counter()
     params = gpt2_params()
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     rows = []
@@ -156,15 +158,16 @@ def main(argv=None):
     adamw = rows[0]["state_bytes"]
     for row in rows:
         row["x_adamw"] = row["state_bytes"] / adamw
-    result = dict(
+    doc = report.write(
+        args.out,
+        rows,
+        command=report.command_of("benchmarks.baseline_state", argv),
         model="gpt2-124m (examples/gpt2/model.py, vocab 50304, blocks stacked on axis 0)",
         num_params=num_params,
         dtype="float32",
         measured_by="sum of size*itemsize over jax.tree.leaves(jax.eval_shape(tx.init, params))",
-        rows=rows,
+        wall_s=round(time.perf_counter() - t0, 1),
     )
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
     width = max(len(r["method"]) for r in rows)
     for r in rows:
         print(
@@ -172,6 +175,7 @@ def main(argv=None):
             f"{r['x_adamw']:.3f} x AdamW  blocks {r['blocks_state_bytes'] / 2**20:7.1f} MiB  "
             f"(formula {r['formula_bytes'] / 2**20:9.1f} MiB)"
         )
+    return doc
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ Per method:
    seeds. A seed sets the parameter initialisation, the data order and (folded into every PRNG
    key of the optimizer state) the masks / projectors;
 3. memory: the optimizer-state pytree's bytes, and the train step's compiled memory
-   (`jax.jit(step, donate_argnums=0).lower(<abstract inputs>).compile().memory_analysis()`,
+   (`report.memory` of `jax.jit(step, donate_argnums=0).lower(<abstract inputs>).compile()`,
    peak = argument + temp bytes) — the example's own step (`compile_stage` / `step_function`),
    so OMGD-layer, LISA and LISA-wor-noscale are measured with the lean layer-wise step. Same
    activation policy for all (no remat, full logits);
 4. step time: median seconds per step, timed right after the method's runs in rounds interleaved
    with AdamW's (best-lr) step in this process; relative = median of the per-round ratios.
 
-Outputs: the JSON (one record per method; `method` names it), `<out>_loss.png` (train loss
+Outputs: the JSON (`benchmarks/report.py` format: one record per method, `method` naming it;
+the setting, the figures' names and "partial" under "meta"), `<out>_loss.png` (train loss
 against step, best run of each method, with its validation points) and `<out>_pareto.png`
 (final validation loss against peak step memory, the Pareto front drawn).
 `--quick` (the test suite's setting) runs the "nano" shapes with vocabulary 256 for a few steps.
@@ -38,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from benchmarks import report
 from examples.gpt2.config import Config, finalize
 from examples.gpt2.optimizers import tree_bytes
 from examples.gpt2.plot import plot_pareto
@@ -59,7 +59,6 @@ from examples.gpt2.train import (
     eval_step,
     init_params,
     make_mesh,
-    memory_summary,
     model_config,
     open_data,
     stages,
@@ -137,7 +136,7 @@ class Method:
         self.step_name = step_function(cfg, name).__name__
         x = jax.ShapeDtypeStruct(x_shape, jnp.int32)
         self.compiled = self.stage.step.lower(self.stage.abstract, x, x).compile()
-        self.memory = memory_summary(self.compiled)
+        self.memory = report.memory(self.compiled)
         self.opt_state_bytes = tree_bytes(self.stage.abstract.opt_state)
 
     def fresh_state(self, mcfg, seed: int) -> TrainState:
@@ -159,29 +158,30 @@ class Method:
         return {"seed": seed, "train_loss": losses, "val": vals, "val_loss": vals[-1][1]}
 
 
-def timing(methods: dict, mcfg, feed, batches, rounds: int, steps: int) -> dict:
-    """Median seconds per step of each method, interleaved rounds (one block of `steps` steps
-    of every method per round), so a varying machine load hits all alike."""
+def timing(methods: dict, mcfg, feed, batches, rounds: int, steps: int) -> tuple[dict, dict]:
+    """Median seconds per step of each method and the per-round times: interleaved rounds, one
+    block of `steps` steps of every method per round, after one untimed step each (the first
+    call of a compiled step allocates), so a varying machine load hits all alike
+    (`report.interleaved_medians`)."""
     states = {k: m.fresh_state(mcfg, 0) for k, m in methods.items()}
     xy = feed.train_batch(next(batches))
-    for k, m in methods.items():  # warm: the first call of a compiled step allocates
-        states[k], _ = m.compiled(states[k], *xy)
-    jax.block_until_ready(states)
-    per_round = {k: [] for k in methods}
-    for _ in range(rounds):
-        for k, m in methods.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                states[k], _ = m.compiled(states[k], *xy)
-            jax.block_until_ready(states[k])
-            per_round[k].append((time.perf_counter() - t) / steps)
-    return per_round
+
+    def run(k, m):
+        def call():
+            states[k], _ = m.compiled(states[k], *xy)
+            return states[k]
+
+        return call
+
+    runs = {k: run(k, m) for k, m in methods.items()}
+    return report.interleaved_medians(runs, rounds, warmup=1, steps=steps)
 
 
 def run(setting: dict, data: str, lr_grid, methods=METHODS, progress: bool = True,
         on_record=None) -> dict:  # fmt: skip
-    """Trains the grid and the seeds of every method; returns the JSON document.
-    `on_record(records)` is called after each method (to save partial results)."""
+    """Trains the grid and the seeds of every method; returns ``{"meta": {"setting": ...},
+    "records": [...]}`` (`main` adds the rest of the meta). `on_record(records)` is called
+    after each method (to save partial results)."""
     mesh = make_mesh()
     first = method_config(setting, data, "adamw", {}, lr_grid[0])
     mcfg = model_config(first)
@@ -253,41 +253,35 @@ def run(setting: dict, data: str, lr_grid, methods=METHODS, progress: bool = Tru
             adamw = m
         if adamw is not None:  # interleaved with AdamW: a varying machine load hits both alike
             pair = {"AdamW": adamw, label: m} if label != "AdamW" else {label: m}
-            rounds = timing(pair, mcfg, feed, batches_for(first, 0),
-                            setting["timing_rounds"], setting["timing_steps"])  # fmt: skip
-            t, base = np.array(rounds[label]), np.array(rounds["AdamW"])
-            records[-1]["step_time_s"] = float(np.median(t))
-            records[-1]["step_time_rel_adamw"] = float(np.median(t / base))
+            medians, times = timing(pair, mcfg, feed, batches_for(first, 0),
+                                    setting["timing_rounds"], setting["timing_steps"])  # fmt: skip
+            records[-1]["step_time_s"] = float(medians[label])
+            records[-1]["step_time_rel_adamw"] = float(report.median_ratio(times, label, "AdamW"))
         if on_record is not None:
             on_record(records)
     bar.close()
     params = abstract_params
-    return {
-        "setting": {
-            **setting,
-            "data": data,
-            "model": dataclasses.asdict(mcfg),
-            "param_bytes": tree_bytes(params),
-            "block_param_share": tree_bytes(params, under="blocks") / tree_bytes(params),
-            "batch_size": first.batch_size,
-            "block_size": first.block_size,
-            "tokens_per_run": first.steps * first.batch_size * first.block_size * first.grad_accum,
-            "lr_grid": list(lr_grid),
-            "lr_schedule": "linear warm-up (preset's steps) then cosine to lr / 10",
-            "warmup_masks": 0,
-            "grad_clip": first.grad_clip,
-            "activation_policy": "no remat, full logits, float32 (same for every method)",
-            "peak_memory": "memory_analysis(): argument + temp bytes of the jitted, donated step",
-            "step_time": "median s/step over interleaved rounds; rel = median of per-round "
-            "ratios to AdamW",
-            "val_loss_std": "sample standard deviation over seeds (ddof 1)",
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__,
-            "machine": platform.machine(),
-        },
-        "records": records,
+    tokens = first.steps * first.batch_size * first.block_size * first.grad_accum
+    described = {
+        **setting,
+        "data": data,
+        "model": dataclasses.asdict(mcfg),
+        "param_bytes": tree_bytes(params),
+        "block_param_share": tree_bytes(params, under="blocks") / tree_bytes(params),
+        "batch_size": first.batch_size,
+        "block_size": first.block_size,
+        "tokens_per_run": tokens,
+        "lr_grid": list(lr_grid),
+        "lr_schedule": "linear warm-up (preset's steps) then cosine to lr / 10",
+        "warmup_masks": 0,
+        "grad_clip": first.grad_clip,
+        "activation_policy": "no remat, full logits, float32 (same for every method)",
+        "peak_memory": "argument + temp bytes of the jitted, donated step (report.peak_bytes)",
+        "step_time": "median s/step over interleaved rounds; rel = median of per-round "
+        "ratios to AdamW",
+        "val_loss_std": "sample standard deviation over seeds (ddof 1)",
     }
+    return {"meta": {"setting": described}, "records": records}
 
 
 def hyperparameters(cfg: Config) -> dict:
@@ -364,17 +358,19 @@ def figure_paths(out: Path) -> tuple[Path, Path]:
 
 
 def write(doc: dict, out: Path) -> dict:
-    """The JSON and both figures next to it; records the figures' names in the JSON."""
+    """The JSON (`report.save`) and both figures next to it; records the figures' names in
+    ``meta["figures"]``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     loss_png, pareto_png = figure_paths(out)
-    s = doc["setting"]
+    meta = doc["meta"]
+    s = meta["setting"]
     tokens = s.get("tokens_per_run")
     title = f"{s['preset']} GPT-2" + (f", {tokens:,} tokens per run" if tokens else "")
-    title += ", best lr of each method" + (" (partial)" if doc.get("partial") else "")
+    title += ", best lr of each method" + (" (partial)" if meta.get("partial") else "")
     plot_losses(doc, loss_png, title)
     plot_memory_pareto(doc, pareto_png, title)
-    doc["figures"] = {"loss": loss_png.name, "pareto": pareto_png.name}
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    meta["figures"] = {"loss": loss_png.name, "pareto": pareto_png.name}
+    report.save(out, doc)
     return doc
 
 
@@ -424,12 +420,14 @@ MERGE_KEYS = ("preset", "vocab_size", "steps", "eval_every", "eval_iters", "seed
 
 def merge(old: dict | None, new: dict) -> dict:
     """``new``'s records replace ``old``'s of the same method; ``old``'s others are kept. Records
-    in METHODS order (any unknown to METHODS after them); "partial" unless every METHODS label has
-    a record and ``new`` is finished. Raises ValueError when the two settings differ in a
-    MERGE_KEYS field that both have."""
+    in METHODS order (any unknown to METHODS after them); the meta is ``new``'s over ``old``'s
+    (the settings merged), with ``meta["partial"]`` unless every METHODS label has a record and
+    ``new`` is finished. Raises ValueError when the two settings differ in a MERGE_KEYS field
+    that both have."""
     if old is None:
-        old = {"setting": {}, "records": []}
-    a, b = old.get("setting", {}), new["setting"]
+        old = {"meta": {"setting": {}}, "records": []}
+    old_meta, new_meta = old["meta"], new["meta"]
+    a, b = old_meta.get("setting", {}), new_meta["setting"]
     differ = [k for k in MERGE_KEYS if k in a and k in b and a[k] != b[k]]
     if differ:
         raise ValueError("--merge: the existing results were run with another setting ("
@@ -437,16 +435,25 @@ def merge(old: dict | None, new: dict) -> dict:
                          + "); write to another --out")  # fmt: skip
     records = {r["method"]: r for r in old.get("records", [])}
     records.update({r["method"]: r for r in new["records"]})
+    new_methods = {r["method"] for r in new["records"]}
     order = [label for label, _, _ in METHODS]
     ranked = sorted(records.values(), key=lambda r: (order.index(r["method"])
                     if r["method"] in order else len(order)))  # fmt: skip
-    doc = {k: v for k, v in old.items() if k not in ("records", "partial", "setting")}
-    doc.update({k: v for k, v in new.items() if k not in ("records", "partial", "setting")})
-    doc["setting"] = {**a, **b}
-    doc["records"] = ranked
-    if new.get("partial") or not set(order) <= set(records):
-        doc["partial"] = True
-    return doc
+    # what describes the old file's run only ("converted", "merged_runs": the converted file's)
+    skip = ("partial", "setting", "kept_from_earlier_run", "converted", "merged_runs")
+    meta = {k: v for k, v in old_meta.items() if k not in skip}
+    meta.update({k: v for k, v in new_meta.items() if k not in skip})
+    meta["setting"] = {**a, **b}
+    kept = [r["method"] for r in old.get("records", []) if r["method"] not in new_methods]
+    if kept:  # records of an earlier run: say which, and from where
+        meta["kept_from_earlier_run"] = {"methods": kept, "commit": old_meta.get("commit"),
+                                         "date": old_meta.get("date")}  # fmt: skip
+        for k in skip[2:]:  # the old file's own provenance, kept with its records
+            if k in old_meta:
+                meta["kept_from_earlier_run"][k] = old_meta[k]
+    if new_meta.get("partial") or not set(order) <= set(records):
+        meta["partial"] = True
+    return {"meta": meta, "records": ranked}
 
 
 def ensure_data(data_dir: str) -> None:
@@ -499,24 +506,27 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if a.merge and out.exists() else None
     grid = QUICK_LR_GRID if a.quick else LR_GRID
-    if old is not None:  # refuse before training, not after
+    old = None
+    if a.merge and out.exists():  # refuse before training, not after
         try:
-            merge(old, {"setting": dict(setting, lr_grid=list(grid)), "records": []})
+            old = report.load(out)
+            merge(old, {"meta": {"setting": dict(setting, lr_grid=list(grid))}, "records": []})
         except ValueError as e:
             p.error(str(e))
+    command = report.command_of("benchmarks.compare", argv)
 
     def save_partial(records):  # a long run that is stopped still leaves its finished methods
-        doc = {"setting": dict(setting, data=a.data, tokens_per_run=None), "partial": True,
-               "records": records}  # fmt: skip
-        write(merge(old, doc), out)
+        meta = report.meta(command, setting=dict(setting, data=a.data, tokens_per_run=None),
+                           partial=True, wall_s=round(time.perf_counter() - t, 1))  # fmt: skip
+        write(merge(old, {"meta": meta, "records": records}), out)
 
     doc = run(setting, a.data, grid, methods=methods, progress=a.progress, on_record=save_partial)
-    doc["setting"]["wall_s"] = round(time.perf_counter() - t, 1)
+    doc["meta"] = report.meta(command, **doc["meta"], wall_s=round(time.perf_counter() - t, 1))
     doc = write(merge(old, doc), out)
+    meta = doc["meta"]
     print(table(doc))
-    print(f"\n{out}  {', '.join(doc['figures'].values())}  ({doc['setting']['wall_s']:.0f} s)")
+    print(f"\n{out}  {', '.join(meta['figures'].values())}  ({meta['wall_s']:.0f} s)")
     return doc
 
 

@@ -5,7 +5,8 @@ For each optimizer choice of `examples.gpt2.train` the example's own jitted step
 (`compile_stage`: donated params and optimizer state, clip -> optimizer, micro-batch
 `--batch-size` x 1024) is lowered on abstract inputs (`jax.ShapeDtypeStruct`, `nnx.eval_shape`)
 and compiled for this machine's backend;
-`compiled.memory_analysis()` gives argument / output / temp / alias bytes. The optimizer-state
+`report.memory` gives argument / output / temp bytes and the peak (argument + temp, the outputs
+aliasing the donated inputs). The optimizer-state
 bytes come from the abstract state pytree. The OMGD optimizers are measured in their masking
 stage (the state they hold after the AdamW warm-up). Then every optimizer trains the tiny preset
 on random tokens in this process: tokens/s is the median of `--timed` steps after compilation.
@@ -14,20 +15,19 @@ on random tokens in this process: tokens/s is the median of `--timed` steps afte
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from examples.gpt2.config import Config, finalize
 from examples.gpt2.model import get_config
 from examples.gpt2.optimizers import stages, tree_bytes
 from examples.gpt2.train import TrainState, abstract_model, compile_stage, init_params, make_mesh
 
+MEMORY_PRESET, THROUGHPUT_PRESET = "gpt2-124m", "tiny"  # the tests use "nano" for both
 CHOICES = [
     ("adamw", {}),
     ("omgd-layer", {}),  # gamma 3 of 12, compact state
@@ -50,36 +50,31 @@ def _stage(cfg):
 
 
 def memory_row(opt, extra, batch, dtype, remat):
-    cfg = Config(preset="gpt2-124m", optimizer=opt, batch_size=batch, grad_accum=1, dtype=dtype,
+    cfg = Config(preset=MEMORY_PRESET, optimizer=opt, batch_size=batch, grad_accum=1, dtype=dtype,
                  remat=remat, **extra)  # fmt: skip
     cfg = finalize(cfg)
     _, stage = _stage(cfg)
     x = jax.ShapeDtypeStruct((1, batch, cfg.block_size), jnp.int32)
     t = time.perf_counter()
-    m = stage.step.lower(stage.abstract, x, x).compile().memory_analysis()
-    row = {
+    compiled = stage.step.lower(stage.abstract, x, x).compile()
+    return {
+        "table": "memory_124m",
         "optimizer": _name(opt, extra),
         "param_bytes": tree_bytes(stage.abstract.params),
         "opt_state_bytes": tree_bytes(stage.abstract.opt_state),
-        "argument_bytes": m.argument_size_in_bytes,
-        "output_bytes": m.output_size_in_bytes,
-        "temp_bytes": m.temp_size_in_bytes,
-        "alias_bytes": m.alias_size_in_bytes,
+        **report.memory(compiled),  # peak_bytes = argument + temp (the one definition)
+        "alias_bytes": int(compiled.memory_analysis().alias_size_in_bytes),
         "compile_s": round(time.perf_counter() - t, 1),
     }
-    # Live at the peak of a step, at most: inputs + outputs not aliased to inputs + scratch.
-    row["peak_bytes"] = (
-        row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
-    )
-    return row
 
 
 def throughput(choices, timed):
     """Tiny-preset tokens/s per optimizer. All steps are compiled first, then timed in rounds
-    (one step of each optimizer per round) so that a varying machine load hits all alike."""
-    runs = []
+    (one step of each optimizer per round, `report.interleaved_medians`) so that a varying
+    machine load hits all alike."""
+    runs = {}
     for opt, extra in choices:
-        cfg = finalize(Config(preset="tiny", optimizer=opt, warmup_masks=0, **extra))
+        cfg = finalize(Config(preset=THROUGHPUT_PRESET, optimizer=opt, warmup_masks=0, **extra))
         mcfg, stage = _stage(cfg)
         params = init_params(mcfg, 0)
         rng = np.random.default_rng(0)
@@ -87,30 +82,28 @@ def throughput(choices, timed):
         x, y = (jnp.asarray(rng.integers(0, 50257, shape), jnp.int32) for _ in range(2))
         state, _ = stage.step(TrainState(params, stage.init(params)), x, y)  # compile + one step
         jax.block_until_ready(state)
-        runs.append(
-            {
-                "name": _name(opt, extra),
-                "step": stage.step,
-                "state": state,
-                "xy": (x, y),
-                "tokens": int(np.prod(shape)),
-                "times": [],
-            }
-        )
-    for _ in range(timed):
-        for r in runs:
-            t = time.perf_counter()
+        runs[_name(opt, extra)] = {"step": stage.step, "state": state, "xy": (x, y),
+                                   "tokens": int(np.prod(shape))}  # fmt: skip
+
+    def call(r):
+        def one_step():
             r["state"], _ = r["step"](r["state"], *r["xy"])
-            jax.block_until_ready(r["state"])
-            r["times"].append(time.perf_counter() - t)
+            return r["state"]
+
+        return one_step
+
+    medians, _ = report.interleaved_medians(
+        {name: call(r) for name, r in runs.items()}, timed, warmup=0
+    )
     return [
         {
-            "optimizer": r["name"],
+            "table": "throughput_tiny",
+            "optimizer": name,
             "tokens_per_step": r["tokens"],
-            "median_step_s": float(np.median(r["times"])),
-            "tokens_per_s": float(r["tokens"] / np.median(r["times"])),
+            "median_step_s": float(medians[name]),
+            "tokens_per_s": float(r["tokens"] / medians[name]),
         }
-        for r in runs
+        for name, r in runs.items()
     ]
 
 
@@ -127,6 +120,7 @@ def main(argv=None):
     p.add_argument("--timed", type=int, default=9, help="timed tiny steps per optimizer")
     p.add_argument("--skip-throughput", action="store_true")
     a = p.parse_args(argv)
+    t0 = time.perf_counter()
 
     mib = 2**20
     rows = []
@@ -157,28 +151,24 @@ def main(argv=None):
                 f"({r['median_step_s'] * 1e3:.0f} ms/step)",
                 flush=True,
             )
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "setup": {
-                    "batch_size": a.batch_size,
-                    "block_size": 1024,
-                    "dtype": a.dtype,
-                    "remat": a.remat,
-                    "backend": jax.default_backend(),
-                    "devices": jax.device_count(),
-                    "jax": jax.__version__,
-                    "machine": platform.machine(),
-                },
-                "memory_124m": rows,
-                "throughput_tiny": speed,
-            },
-            indent=2,
-        )
+    report.write(
+        a.out,
+        rows + speed,
+        command=report.command_of("benchmarks.gpt2_step", argv),
+        batch_size=a.batch_size,
+        block_size=1024,
+        dtype=a.dtype,
+        remat=a.remat,
+        timed=0 if a.skip_throughput else a.timed,
+        tables={
+            "memory_124m": "one GPT-2-124M step per optimizer, compiled on abstract inputs; "
+            "peak_bytes = argument + temp bytes of the donated step (report.peak_bytes)",
+            "throughput_tiny": "tiny preset, median of --timed interleaved rounds after "
+            "compilation and one step",
+        },
+        wall_s=round(time.perf_counter() - t0, 1),
     )
-    print(f"\nwrote {out}")
+    print(f"\nwrote {a.out}")
 
 
 if __name__ == "__main__":

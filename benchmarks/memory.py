@@ -28,7 +28,6 @@ keeps XLA:CPU's default.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
@@ -39,6 +38,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import omgd_jax
+from benchmarks import report
 
 LAYERS = r"^blocks/"
 GIB = 2**30
@@ -90,7 +90,7 @@ def methods(gamma, dtype):
         # paper's side (the smaller dimension); embeddings, head and norms stay on Adam.
         "galore r128": (
             "dense",
-            omgd_jax.galore(1e-4, rank=128, matrices=r"^blocks/.*kernel", **adam_kw),
+            omgd_jax.galore(1e-4, rank=128, leaves=r"^blocks/.*kernel", **adam_kw),
         ),
         f"omgd-layer lean (gamma={gamma})": ("lean", omgd_jax.omgd_adamw(1e-4, **adam, **layer)),
         "omgd-element compact (M=4)": (
@@ -102,15 +102,6 @@ def methods(gamma, dtype):
             omgd_jax.omgd_adamw(1e-4, **adam, **layer, traversal="iid", scale=False),
         ),
     }
-
-
-def dense_step(loss_of, tx):
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_of)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
 
 
 def measure(make_model, loss_fn, batch, gamma):
@@ -132,15 +123,14 @@ def measure(make_model, loss_fn, batch, gamma):
                 fn = omgd_jax.lean_value_and_grad(loss_of, layers=LAYERS)
                 return fn(p, omgd_jax.active_layers(s), x, y)[1]
         else:
-            step = dense_step(loss_of, tx)
+            step = omgd_jax.train_step(loss_of, tx)
 
             def grads_of(p, s, x, y):
                 return jax.grad(loss_of)(p, x, y)
 
         grads = jax.eval_shape(grads_of, params, opt_state, tokens, tokens)
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens, tokens)
-        mem = compiled.compile().memory_analysis()
-        total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+        mem = report.memory(report.compile_step(step, params, opt_state, tokens, tokens))
+        total = mem["peak_bytes"]
         w, o, g = nbytes(params), nbytes(opt_state), nbytes(grads)
         yield {
             "method": name,
@@ -149,8 +139,8 @@ def measure(make_model, loss_fn, batch, gamma):
             "optimizer": o,
             "other": total - w - o - g,
             "total": total,
-            "argument": mem.argument_size_in_bytes,
-            "temp": mem.temp_size_in_bytes,
+            "argument": mem["argument_bytes"],
+            "temp": mem["temp_bytes"],
         }
 
 
@@ -190,16 +180,7 @@ def main(argv=None):
                 + f" | {r['total'] / base:.3f} |"
             )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "device": jax.devices()[0].device_kind,
-                    "xla_flags": os.environ["XLA_FLAGS"],
-                    "records": records,
-                },
-                f,
-                indent=1,
-            )
+        report.write(args.out, records, units="bytes", peak="argument + temp (report.peak_bytes)")
 
 
 if __name__ == "__main__":

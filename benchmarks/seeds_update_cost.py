@@ -2,9 +2,10 @@
 
 The tree is the GPT-2 example's own (``examples/gpt2/model.py``, built abstractly with
 ``nnx.eval_shape`` and filled with random values). For every optimizer: the optimizer-state
-bytes (summed over the state pytree) and the median wall time of one jitted, donated
-``update + apply_updates`` step, all optimizers timed in turn, round after round, in one process
-(the machine is shared: compare the ratios, not the milliseconds).
+bytes (summed over the state pytree), the compiled memory of one jitted, donated
+``update + apply_updates`` step (`report.memory`) and its median wall time, all optimizers
+timed in turn, round after round, in one process (the machine is shared: compare the ratios,
+not the milliseconds).
 
     python -m benchmarks.seeds_update_cost --out benchmarks/results/seeds_update_cost.json
 """
@@ -12,17 +13,17 @@ bytes (summed over the state pytree) and the median wall time of one jitted, don
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
+import time
 
 import jax
 import optax
 from flax import nnx
 
 import omgd_jax
-from benchmarks import host_memory
-from benchmarks.update_cost import add_ratios, compile_step, time_interleaved
+from benchmarks import host_memory, report
+from benchmarks.update_cost import compile_step, records_of, time_interleaved
 from examples.gpt2.model import GPT, get_config
 
 ADAMW = dict(b1=0.9, b2=0.95, weight_decay=0.1)
@@ -43,10 +44,10 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
     out = {"adamw": optax.adamw(lr, mask=decay_mask, **ADAMW)}
     for traversal in ("iid", "wor"):
         out[f"skip_update(adamw,p=0.5,{traversal})"] = omgd_jax.skip_update_adamw(
-            lr, 0.5, decay_mask=decay_mask, traversal=traversal, **ADAMW
+            lr, 0.5, mask=decay_mask, traversal=traversal, **ADAMW
         )
         out[f"magma(adamw,p=0.5,{traversal})"] = omgd_jax.magma_adamw(
-            lr, 0.5, decay_mask=decay_mask, traversal=traversal, **ADAMW
+            lr, 0.5, mask=decay_mask, traversal=traversal, **ADAMW
         )
     for rank in (32, 128):
         # init="random": the factors' size and the step do not depend on the initialisation,
@@ -68,6 +69,7 @@ def main(argv=None):
     host_memory.add_argument(parser)
     args = parser.parse_args(argv)
     malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
+    t0 = time.perf_counter()
 
     shapes = gpt2_124m_shapes(args.preset)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
@@ -77,35 +79,30 @@ def main(argv=None):
         if name == "adamw" or re.search(args.only, name)
     }
     medians, faults = time_interleaved(steps, shapes, args.repeats)
-    rows = {}
-    for name, step in steps.items():
-        rows[name] = {k: v for k, v in step.items() if k not in ("compiled", "init", "grad_shapes")}
-        rows[name]["update_s"] = medians[name]
-        rows[name]["minor_faults_per_call"] = faults[name]
+    records = records_of(steps, medians, faults)
     print(
         f"\nGPT-2 example tree ({args.preset}): {n_params / 1e6:.1f}M parameters, "
         f"jax {jax.__version__}, {jax.devices()[0].platform}, median of {args.repeats}, "
         f"malloc {malloc}"
     )
     print(f"{'optimizer':30s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} {'x adamw':>7s}")
-    add_ratios(rows)
-    for name, r in rows.items():
+    for r in records:
         print(
-            f"{name:30s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
+            f"{r['optimizer']:30s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
             f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f}"
         )
-    if args.out:
-        result = {
-            "preset": args.preset,
-            "n_params": n_params,
-            "jax": jax.__version__,
-            "platform": jax.devices()[0].platform,
-            "repeats": args.repeats,
-            "malloc": malloc,
-            "rows": rows,
-        }
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    return report.write(
+        args.out,
+        records,
+        command=report.command_of("benchmarks.seeds_update_cost", argv),
+        preset=args.preset,
+        n_params=n_params,
+        repeats=args.repeats,
+        malloc=malloc,
+        peak="argument + temp bytes of the donated step (report.peak_bytes)",
+        timing="median of --repeats interleaved rounds, 2 untimed calls each first",
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
 
 
 if __name__ == "__main__":

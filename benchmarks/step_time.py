@@ -20,7 +20,6 @@ default) keeps freed host memory so XLA:CPU's per-call buffers do not page-fault
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -28,10 +27,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 import omgd_jax
-from benchmarks import flops, host_memory
+from benchmarks import flops, host_memory, report
 
 LAYERS = r"^blocks/"
 
@@ -62,17 +60,12 @@ def build(cfg, gamma):
     adam = dict(b1=0.9, b2=0.95, weight_decay=0.1)
     adamw = optax.adamw(1e-4, **adam)
 
-    def dense(p, s, x, y):
-        loss, g = jax.value_and_grad(loss_of)(p, x, y)
-        u, s = adamw.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
-
     tx = omgd_jax.omgd_adamw(
         1e-4, **adam, granularity="layer", layers=LAYERS, layers_per_phase=gamma, steps_per_mask=100
     )
     lean = omgd_jax.lean_train_step(loss_of, tx, layers=LAYERS)
     return params, {
-        "adamw": (jax.jit(dense, donate_argnums=(0, 1)), adamw),
+        "adamw": (jax.jit(omgd_jax.train_step(loss_of, adamw), donate_argnums=(0, 1)), adamw),
         f"omgd-layer lean (gamma={gamma})": (jax.jit(lean, donate_argnums=(0, 1)), tx),
     }
 
@@ -91,6 +84,8 @@ def step_flops(cfg, batch, gamma) -> dict[str, float]:
 
 
 def measure(cfg, batch, gamma, rounds):
+    """Seconds per step of every row, interleaved rounds (`report.interleaved_medians`, two
+    untimed calls each first: compile and warm up)."""
     params, steps = build(cfg, gamma)
     x = jax.random.randint(jax.random.key(1), batch, 0, cfg.vocab_size)
     y = jnp.roll(x, -1, axis=1)
@@ -98,16 +93,16 @@ def measure(cfg, batch, gamma, rounds):
     for name, (step, tx) in steps.items():
         p = jax.tree.map(jnp.copy, params)
         live[name] = [step, p, tx.init(p)]
-        for _ in range(2):  # compile and warm up
-            live[name][1], live[name][2], loss = step(live[name][1], live[name][2], x, y)
-            loss.block_until_ready()
-    times = {name: [] for name in live}
-    for _ in tqdm(range(rounds), desc=f"{cfg.n_layer}x{cfg.n_embd}", leave=False):
-        for name, entry in live.items():
-            t0 = time.perf_counter()
+
+    def run(entry):
+        def call():
             entry[1], entry[2], loss = entry[0](entry[1], entry[2], x, y)
-            loss.block_until_ready()
-            times[name].append(time.perf_counter() - t0)
+            return loss
+
+        return call
+
+    runs = {name: run(entry) for name, entry in live.items()}
+    _, times = report.interleaved_medians(runs, rounds, warmup=2)
     return times
 
 
@@ -120,22 +115,22 @@ def main(argv=None):
     host_memory.add_argument(parser)
     args = parser.parse_args(argv)
     malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
+    t0 = time.perf_counter()
     records = []
     for model, cfg, batch, gamma in setups(args.remat):
         if args.only and args.only not in model:
             continue
         times = measure(cfg, batch, gamma, args.rounds)
         counted = step_flops(cfg, batch, gamma)
-        base = times["adamw"]
         for name, ts in times.items():
-            ratios = [t / b for t, b in zip(ts, base, strict=True)]
+            ratios = report.round_ratios(times, name, "adamw")
             records.append(
                 {
                     "model": model,
                     "method": name,
                     "remat": args.remat,
                     "median_s": statistics.median(ts),
-                    "ratio_to_adamw": statistics.median(ratios),
+                    "ratio_to_adamw": report.median_ratio(times, name, "adamw"),
                     "ratio_min": min(ratios),
                     "ratio_max": max(ratios),
                     "matmul_flops": counted[name],
@@ -151,18 +146,17 @@ def main(argv=None):
             f"{r['ratio_to_adamw']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | "
             f"{r['flop_ratio_to_adamw']:.3f} |"
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "device": jax.devices()[0].device_kind,
-                    "remat": args.remat,
-                    "malloc": malloc,
-                    "records": records,
-                },
-                f,
-                indent=1,
-            )
+    return report.write(
+        args.out,
+        records,
+        command=report.command_of("benchmarks.step_time", argv),
+        rounds=args.rounds,
+        remat=args.remat,
+        malloc=malloc,
+        timing="median of --rounds interleaved rounds (AdamW, then OMGD), 2 untimed calls "
+        "each first; ratio_to_adamw = median of the per-round ratios",
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
 
 
 if __name__ == "__main__":

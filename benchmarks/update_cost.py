@@ -2,7 +2,8 @@
 
 For every optimizer: the median wall time of one jitted `update + apply_updates` step with the
 parameters and optimizer state donated, the optimizer-state bytes (from the state pytree), and
-the XLA-compiled memory of the step (`.lower(abstract inputs).compile().memory_analysis()`).
+the XLA-compiled memory of the step (`report.memory`: peak = argument + temp bytes of the
+donated step).
 Everything runs in one process, side by side, and is reported relative to AdamW. The tree is the
 GPT-2 example's model (`nnx.eval_shape`), the optimizers are the example's at the gpt2-124m
 preset (`base_optimizer`: AdamW with its decay mask and schedule, or OMGD around it; the
@@ -19,7 +20,6 @@ faults per call are recorded beside every time.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -29,7 +29,7 @@ import jax
 import optax
 
 import omgd_jax
-from benchmarks import host_memory
+from benchmarks import host_memory, report
 from examples.gpt2.config import Config, finalize
 from examples.gpt2.model import get_config
 from examples.gpt2.optimizers import (
@@ -78,7 +78,8 @@ def compile_step(tx, shapes, lean: bool = False) -> dict:
     """Compiles one donated `update + apply_updates` step on abstract inputs.
 
     ``lean``: the update of `omgd_jax.lean_train_step` (gradients for the active layers only,
-    updated layers written into the donated stack in place).
+    handed to ``tx`` with ``layer_ids=LayerIds(ids, N_L)``, updated layers written into the
+    donated stack in place). Memory: `report.memory` (peak = argument + temp bytes).
     """
 
     def step(params, state, grads):
@@ -89,7 +90,8 @@ def compile_step(tx, shapes, lean: bool = False) -> dict:
         ids = omgd_jax.active_layers(state)
         view = omgd_jax.layer_view(params, ids, layers=BLOCKS)
         depth = jax.tree.leaves(params["blocks"])[0].shape[0]
-        updates, state = tx.update(grads, state, view, active_layers=ids, num_layers=depth)
+        layer_ids = omgd_jax.LayerIds(ids, depth)
+        updates, state = tx.update(grads, state, view, layer_ids=layer_ids)
         return omgd_jax.apply_layer_updates(params, view, updates, ids, layers=BLOCKS), state
 
     state_shapes = jax.eval_shape(tx.init, shapes)
@@ -99,27 +101,21 @@ def compile_step(tx, shapes, lean: bool = False) -> dict:
         grad_shapes = jax.eval_shape(
             lambda p, i: omgd_jax.layer_view(p, i, layers=BLOCKS), shapes, ids
         )
-    compiled = (
-        jax.jit(lean_step if lean else step, donate_argnums=(0, 1))
-        .lower(shapes, state_shapes, grad_shapes)
-        .compile()
-    )
-    mem = compiled.memory_analysis()
+    compiled = report.compile_step(lean_step if lean else step, shapes, state_shapes, grad_shapes)
     return {
         "compiled": compiled,
         "init": jax.jit(tx.init),
         "grad_shapes": grad_shapes,
         "state_bytes": tree_bytes(state_shapes),
-        "xla_argument_bytes": mem.argument_size_in_bytes,
-        "xla_output_bytes": mem.output_size_in_bytes,
-        "xla_temp_bytes": mem.temp_size_in_bytes,
-        "xla_alias_bytes": mem.alias_size_in_bytes,
+        **report.memory(compiled),
+        "alias_bytes": int(compiled.memory_analysis().alias_size_in_bytes),
     }
 
 
 def time_interleaved(steps: dict, shapes, repeats: int) -> tuple[dict, dict]:
-    """Median step time and minor page faults per call of every optimizer, timing them in
-    turn, round after round. Interleaving spreads any slow-down of the machine over all alike.
+    """Median step time and minor page faults per call of every optimizer, timed in turn,
+    round after round (`report.interleaved_times`, two untimed calls each first: the first
+    calls pay for allocation). Interleaving spreads any slow-down of the machine over all alike.
     """
     key = jax.random.key(0)
     grads = {
@@ -132,19 +128,29 @@ def time_interleaved(steps: dict, shapes, repeats: int) -> tuple[dict, dict]:
     for name, step in steps.items():
         params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
         live[name] = (params, step["init"](params))
-    times = {name: [] for name in steps}
-    faults = dict.fromkeys(steps, 0)
-    for i in range(repeats + 2):
-        for name, step in steps.items():
-            before = host_memory.minor_faults()
-            start = time.perf_counter()
-            live[name] = step["compiled"](*live[name], grads[name])
-            jax.block_until_ready(live[name])
-            if i >= 2:  # the first calls pay for allocation
-                times[name].append(time.perf_counter() - start)
-                faults[name] += host_memory.minor_faults() - before
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    return medians, {name: f / repeats for name, f in faults.items()}
+
+    def run(name):
+        def call():
+            live[name] = steps[name]["compiled"](*live[name], grads[name])
+            return live[name]
+
+        return call
+
+    times, faults = report.interleaved_times(
+        {name: run(name) for name in steps}, repeats, warmup=2, counter=host_memory.minor_faults
+    )
+    return report.medians(times), {name: statistics.mean(f) for name, f in faults.items()}
+
+
+def records_of(steps: dict, medians: dict, faults: dict) -> list[dict]:
+    """One record per optimizer (``optimizer`` names it), with the ratios to AdamW's."""
+    rows = {}
+    for name, step in steps.items():
+        rows[name] = {k: v for k, v in step.items() if k not in ("compiled", "init", "grad_shapes")}
+        rows[name]["update_s"] = medians[name]
+        rows[name]["minor_faults_per_call"] = faults[name]
+    add_ratios(rows)
+    return [{"optimizer": name, **row} for name, row in rows.items()]
 
 
 def add_ratios(rows: dict) -> None:
@@ -168,6 +174,7 @@ def main(argv=None):
     host_memory.add_argument(parser)
     args = parser.parse_args(argv)
     malloc = host_memory.configure(args.malloc)  # before JAX starts its CPU client
+    t0 = time.perf_counter()
 
     shapes = gpt2_shapes(args.layers)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
@@ -176,12 +183,7 @@ def main(argv=None):
         if name == "adamw" or re.search(args.only, name):
             steps[name] = compile_step(tx, shapes, lean=name == LEAN)
     medians, faults = time_interleaved(steps, shapes, args.repeats)
-    rows = {}
-    for name, step in steps.items():
-        skip = ("compiled", "init", "grad_shapes")
-        rows[name] = {k: v for k, v in step.items() if k not in skip}
-        rows[name]["update_s"] = medians[name]
-        rows[name]["minor_faults_per_call"] = faults[name]
+    records = records_of(steps, medians, faults)
     header = (
         f"{'optimizer':34s} {'update ms':>9s} {'x adamw':>7s} {'state MB':>9s} "
         f"{'x adamw':>7s} {'XLA temp MB':>11s} {'faults/call':>11s}"
@@ -191,17 +193,24 @@ def main(argv=None):
         f"{jax.devices()[0].platform}, malloc {malloc}"
     )
     print(header)
-    add_ratios(rows)
-    for name, r in rows.items():
+    for r in records:
         print(
-            f"{name:34s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
+            f"{r['optimizer']:34s} {1e3 * r['update_s']:9.1f} {r['time_ratio']:7.2f} "
             f"{r['state_bytes'] / 2**20:9.1f} {r['state_ratio']:7.3f} "
-            f"{r['xla_temp_bytes'] / 2**20:11.1f} {r['minor_faults_per_call']:11.0f}"
+            f"{r['temp_bytes'] / 2**20:11.1f} {r['minor_faults_per_call']:11.0f}"
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            doc = {"n_params": n_params, "jax": jax.__version__, "malloc": malloc, "rows": rows}
-            json.dump(doc, f, indent=2)
+    return report.write(
+        args.out,
+        records,
+        command=report.command_of("benchmarks.update_cost", argv),
+        n_params=n_params,
+        layers=args.layers,
+        repeats=args.repeats,
+        malloc=malloc,
+        peak="argument + temp bytes of the donated step (report.peak_bytes)",
+        timing="median of --repeats interleaved rounds, 2 untimed calls each first",
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
 
 
 if __name__ == "__main__":

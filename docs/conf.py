@@ -30,6 +30,8 @@ extensions = [
 # (tests/test_notebooks.py), so the docs build does not.
 nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "amsmath"]
+# The guides link files of the checkout (results JSON, scripts) that are not pages of the site.
+suppress_warnings = ["myst.xref_missing"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 

@@ -1,7 +1,7 @@
 """Tensor-wise OMGD on a small ResNet with SGD momentum: Table 4 of arXiv 2603.05960 in shape.
 
     python -m examples.image_classification --dataset fashion_mnist --epochs 10 --seeds 3 \
-        --out benchmarks/results/image_classification.json
+        --out examples/results/image_classification.json
 
 Methods (SPEC.md 1.2, 1.5), all with SGD momentum 0.9, weight decay 1e-4, lr 0.1 decayed x0.1 at
 50% and 75% of training, and full-gradient warm-up epochs before any mask:
@@ -26,13 +26,12 @@ set is the full 10000.
 
 import argparse
 import gzip
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import jax
@@ -44,6 +43,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import omgd_jax
+from benchmarks import report
 
 METHODS = ("full", "iid", "wor")
 DATASETS = ("fashion_mnist", "digits")
@@ -207,6 +207,31 @@ def accuracy(graphdef, params, stats, x, y, batch=500):
     return correct / len(x)
 
 
+@lru_cache(maxsize=32)
+def _programs(method, train_def, steps, epochs, warmup_epochs, lr):
+    """The jitted optimizer init and train step of one configuration, built once so that the
+    seeds of a configuration share one compilation (``train_def`` is hashable)."""
+    make = lambda key: make_tx(method, key, steps_per_epoch=steps, epochs=epochs,
+                               warmup_epochs=warmup_epochs, lr=lr)
+
+    def loss_fn(params, stats, x, y):
+        m = nnx.merge(train_def, params, stats)
+        logits = m(x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+    # One jitted step driven from Python. A lax.scan over the steps of an epoch would save the
+    # dispatch, but XLA:CPU runs these convolutions ~10x slower inside a while loop (measured).
+    @partial(jax.jit, donate_argnums=(1, 2, 3))
+    def train_step(key, params, stats, opt_state, xtr, ytr, i):
+        tx = make(key)  # update() reads the mask key from opt_state; `key` only fixes the type
+        (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, xtr[i], ytr[i])
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    return jax.jit(lambda k, p: make(k).init(p)), train_step
+
+
 def train(method, data, *, seed=0, epochs=10, warmup_epochs=2, batch_size=128, width=12,
           blocks=3, lr=0.1, progress=True):
     """Trains one model; returns a dict: final test accuracy, train loss per epoch, seconds."""
@@ -224,25 +249,11 @@ def train(method, data, *, seed=0, epochs=10, warmup_epochs=2, batch_size=128, w
     params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # plain dicts of arrays
     model.eval()
     eval_def = nnx.graphdef(model)
-    make = lambda key: make_tx(method, key, steps_per_epoch=steps, epochs=epochs,
-                               warmup_epochs=warmup_epochs, lr=lr)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    init_state, train_step = _programs(method, train_def, steps, epochs, warmup_epochs, lr)
     mask_key = jax.random.key(seed + 1000)
-    opt_state = jax.jit(lambda k, p: make(k).init(p))(mask_key, params)
-
-    def loss_fn(params, stats, x, y):
-        m = nnx.merge(train_def, params, stats)
-        logits = m(x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
-
-    # One jitted step driven from Python. A lax.scan over the steps of an epoch would save the
-    # dispatch, but XLA:CPU runs these convolutions ~10x slower inside a while loop (measured).
-    @partial(jax.jit, donate_argnums=(1, 2, 3))
-    def train_step(key, params, stats, opt_state, xtr, ytr, i):
-        tx = make(key)  # update() reads the mask key from opt_state; `key` only fixes the type
-        (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, xtr[i], ytr[i])
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state, loss
+    opt_state = init_state(mask_key, params)
 
     rng = np.random.default_rng(seed)
     xtr_d, ytr_d = jnp.asarray(xtr), jnp.asarray(ytr)
@@ -277,7 +288,7 @@ def main(argv=None):
                    help="first N training images (0 = all); ignored for digits")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install dataset-fashion-mnist when it is missing")
-    p.add_argument("--out", default=None, help="JSON file for the accuracies")
+    p.add_argument("--out", default=None, help="JSON file (benchmarks/report.py format)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -305,22 +316,20 @@ def main(argv=None):
                     "runs": [r["test_accuracy"] for r in rs]} for m, rs in runs.items()}
     for m, a in accuracy.items():
         print(f"{m:4s} {100 * a['mean']:.2f} +- {100 * a['std']:.2f} %  ({args.seeds} seeds)")
-    out = {
-        "accuracy": accuracy,
-        "settings": {**info, **{k: v for k, v in vars(args).items() if k not in ("out",)},
-                     "optimizer": "chain(omgd_mask, add_decayed_weights(1e-4), "
-                                  "sgd(lr, momentum=0.9)); lr x0.1 at 50% and 75%",
-                     "num_masks": 2, "granularity": "tensor",
-                     "num_tensors": runs[methods[0]][0]["num_tensors"],
-                     "steps_per_epoch": runs[methods[0]][0]["steps_per_epoch"],
-                     "std": "population std (ddof=0) over seeds"},
-        "train_loss": {m: [r["train_loss"] for r in rs] for m, rs in runs.items()},
-        "timings_s": {"total": time.perf_counter() - t_start,
-                      **{m: [r["seconds"] for r in rs] for m, rs in runs.items()}},
-    }
+    settings = {**info, **{k: v for k, v in vars(args).items() if k not in ("out",)},
+                "optimizer": "chain(omgd_mask, add_decayed_weights(1e-4), "
+                             "sgd(lr, momentum=0.9)); lr x0.1 at 50% and 75%",
+                "num_masks": 2, "granularity": "tensor",
+                "num_tensors": runs[methods[0]][0]["num_tensors"],
+                "steps_per_epoch": runs[methods[0]][0]["steps_per_epoch"],
+                "std": "population std (ddof=0) over seeds"}  # fmt: skip
+    records = [{"method": m, "accuracy": accuracy[m],
+                "train_loss": [r["train_loss"] for r in rs],
+                "seconds": [r["seconds"] for r in rs]} for m, rs in runs.items()]  # fmt: skip
+    command = None if argv is None else ["python", "-m", "examples.image_classification", *argv]
+    out = report.write(args.out, records, command=command, settings=settings,
+                       wall_s=time.perf_counter() - t_start)  # fmt: skip
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
         print("wrote", args.out)
     return out
 

@@ -6,7 +6,7 @@ disjoint masks per cycle of M epochs) keeps that rate; an i.i.d. mask redrawn ev
 random projection redrawn every step, stalls at t^-1.
 
     python -m examples.least_squares --steps 1000000 --seeds 8 \
-        --out benchmarks/results/least_squares.json --plot benchmarks/results/least_squares.png
+        --out examples/results/least_squares.json --plot examples/results/least_squares.png
 
 Every seed has its own data, w, permutations and mask key. One method runs as a single
 `jax.jit(jax.vmap(...))` of a `lax.scan` over epochs with an inner `lax.scan` over the n steps.
@@ -27,9 +27,9 @@ puts a floor near 1e-8 under the RR curve (slope > 0 over the last decade).
 """
 
 import argparse
-import json
 import time
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -40,6 +40,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 import omgd_jax
+from benchmarks import report  # the results format of benchmarks/ and examples/
 
 METHODS = ("rr", "wor", "iid", "proj")
 N, D = 1000, 10
@@ -301,22 +302,20 @@ def main(argv=None):
     if args.out:
         t = results[methods[0]].t
         idx = np.unique(np.geomspace(1, len(t), 60).astype(int) - 1)
-        out = {
-            "slopes": slopes,
-            "slopes_mid_epoch": slopes_mid,
-            "slope_fit": f"log E||theta_t - theta*||^2 vs log t, t in [{t[-1] // 10}, {t[-1]}]",
-            "final_error": {m: float(r.end.mean(0)[-1]) for m, r in results.items()},
-            "timings_s": {m: r.seconds for m, r in results.items()},
-            "settings": {"n": N, "d": D, "steps": args.steps, "seeds": args.seeds,
-                         "num_masks": 2, "warmup_steps": args.warmup, "batch_size": 1,
-                         "step_size": "c / ((t + t0) * lambda_min)", "c": args.c, "t0": args.t0,
-                         "dtype": "float32" if args.float32 else "float64",
-                         "jax": jax.__version__, "optax": optax.__version__},
-            "curve_epoch_end": {"t": t[idx].tolist(),
-                                **{m: r.end.mean(0)[idx].tolist() for m, r in results.items()}},
-        }
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+        records = [{"method": m, "slope": slopes[m], "slope_mid_epoch": slopes_mid[m],
+                    "final_error": float(r.end.mean(0)[-1]), "seconds": r.seconds,
+                    "curve_epoch_end": r.end.mean(0)[idx].tolist()}
+                   for m, r in results.items()]  # fmt: skip
+        settings = {"n": N, "d": D, "steps": args.steps, "seeds": args.seeds, "num_masks": 2,
+                    "warmup_steps": args.warmup, "batch_size": 1,
+                    "step_size": "c / ((t + t0) * lambda_min)", "c": args.c, "t0": args.t0,
+                    "dtype": "float32" if args.float32 else "float64",
+                    "jax": jax.__version__, "optax": optax.__version__}  # fmt: skip
+        command = None if argv is None else ["python", "-m", "examples.least_squares", *argv]
+        report.write(args.out, records, command=command, settings=settings,
+                     slope_fit=f"log E||theta_t - theta*||^2 vs log t, t in [{t[-1] // 10}, "
+                     f"{t[-1]}]", curve_t=t[idx].tolist(),
+                     figure=None if args.plot is None else Path(args.plot).name)  # fmt: skip
         print("wrote", args.out)
     return slopes
 

@@ -47,3 +47,25 @@ def tree_sum(trees):
 @pytest.fixture
 def gpt_tree():
     return stacked_tree()
+
+
+# `make test` spreads tests over the workers one by one (--dist loadgroup). The files below
+# build something expensive in a session-scoped fixture (a compiled comparison, the docs, a
+# wheel, a trained run): their tests stay on one worker, so it is built once.
+ONE_WORKER_FILES = {
+    "test_compare.py",
+    "test_memory.py",
+    "test_docs.py",
+    "test_notebooks.py",
+    "test_packaging.py",
+    "test_bad_input.py",
+    "test_wor_vs_iid.py",
+    "test_llama_finetune.py",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ONE_WORKER_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))

@@ -43,7 +43,7 @@ CASES = [
      "granularity must be one of ('element', 'tensor', 'layer'), got 'row'"),
     ("unknown traversal", lambda: omgd_jax.omgd_mask(2, traversal="random"), ValueError,
      "traversal must be one of"),
-    ("unknown layout", lambda: omgd_jax.omgd_mask(2, layout="strided"), ValueError,
+    ("unknown layout", lambda: omgd_jax.omgd_mask(2, layout="banded"), ValueError,
      "layout must be one of"),
     ("unknown state", lambda: omgd_jax.omgd(ADAM, 2, state="lazy"), ValueError,
      "state must be one of ('compact', 'frozen')"),
@@ -89,7 +89,7 @@ CASES = [
      lambda: omgd_jax.active_layers(ADAM.init(stacked_tree())), ValueError,
      "must hold exactly one layer-wise compact OMGD state"),
     ("repartition of fixed bands", lambda: omgd_jax.omgd_mask(2, repartition=True), ValueError,
-     "repartition=True needs a partition to redraw, and layout='contiguous' has fixed bands"),
+     "repartition=True needs a partition to redraw, and layout='contiguous' has fixed"),
     ("repartition not a bool", lambda: omgd_jax.omgd(ADAM, 2, repartition=1), TypeError,
      "repartition must be a bool, got 1"),
     ("galore rank 0", lambda: omgd_jax.galore(1e-3, rank=0), ValueError, "rank must be >= 1"),
@@ -124,7 +124,7 @@ def _snapshot(directory):
     return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A nano AdamW run of 2 steps with its checkpoint, and its data."""
     import numpy as np

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import omgd_jax
 from examples.gpt2.model import GPT, get_config
-from omgd_jax import compact
-from omgd_jax import layers as layers_lib
+from omgd_jax._src import compact
+from omgd_jax._src import layers as layers_lib
 from tests.conftest import random_tree, stacked_tree
 
 
@@ -240,3 +240,47 @@ def test_sharded_windows_cut_every_block_and_tile_the_leaf(blocks, num_masks):
         np.testing.assert_array_equal(window, expect.reshape(window.shape))
         total = total + compact.write_window(window, shape, jnp.int32(label), num_masks, grid)
     np.testing.assert_array_equal(total, x)  # the bands tile the leaf
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 7), min_size=0, max_size=3).map(tuple),
+    num_masks=st.integers(1, 5),
+)
+def test_strided_windows_are_rows_j_j_plus_m_and_tile_the_leaf(shape, num_masks):
+    x = jnp.arange(1, math.prod(shape) + 1, dtype=jnp.float32).reshape(shape)
+    rows = shape[0] if shape else 1
+    total = jnp.zeros(shape)
+    for label in range(num_masks):
+        t = jnp.int32(label)
+        window = compact.read_strided(x, t, num_masks)
+        assert window.shape == compact.strided_window_shape(shape, num_masks)
+        if shape:
+            mine = np.arange(label, rows, num_masks)  # rows label, label + M, ...
+            expected = np.zeros(window.shape, np.float32)
+            expected[: len(mine)] = np.asarray(x)[mine]  # zero rows past the end
+            np.testing.assert_array_equal(window, expected)
+        full = compact.write_strided(window, shape, t, num_masks)
+        on = np.asarray(omgd_jax.MaskSchedule.strided_rows(shape, t, num_masks))
+        np.testing.assert_array_equal(full, np.where(on, x, 0))  # the mask's band
+        total = total + full
+    np.testing.assert_array_equal(total, x)
+
+
+def test_strided_compact_equals_the_frozen_state_of_the_same_bands():
+    """omgd(adam, state="compact", layout="strided") moves the band rows as the per-unit
+    (frozen) state moves them, step for step over two cycles: the inner state restarts in
+    both when a band comes back, so the updates agree."""
+    params = random_tree({"w": jnp.zeros((8, 3)), "b": jnp.zeros((5,))}, 1)
+    kw = dict(num_masks=4, steps_per_mask=1, key=3, layout="strided")
+    compact_tx = omgd_jax.omgd(optax.sgd(0.1), **kw)
+    mask_tx = optax.chain(omgd_jax.omgd_mask(**kw), optax.sgd(0.1))
+    s1, s2 = compact_tx.init(params), mask_tx.init(params)
+    assert jax.tree.map(jnp.shape, s1.omgd_active_state) is not None
+    for t in range(8):
+        g = random_tree(params, 10 + t)
+        u1, s1 = compact_tx.update(g, s1, params)
+        u2, s2 = mask_tx.update(g, s2, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+        rows = np.flatnonzero(np.asarray(u1["w"]).any(axis=1))
+        assert len(rows) == 2 and rows[1] - rows[0] == 4  # rows j and j + M

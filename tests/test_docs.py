@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("Args:", "Returns:", "Examples:", "References:")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def html(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("docs")
     cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]

@@ -9,7 +9,7 @@ import pytest
 import omgd_jax
 from tests.conftest import stacked_tree
 
-GALORE_STATIC = ("rank", "update_proj_gap", "projector_side", "matrices", "mask")
+GALORE_STATIC = ("rank", "update_proj_gap", "projector_side", "leaves", "mask")
 GOLORE_STATIC = GALORE_STATIC + ("svd_steps", "key")
 
 
@@ -43,7 +43,7 @@ def test_optax_side_equals_optax_contrib_galore_step_for_step():
     ref = optax.contrib.galore(1e-2, base_optimizer=optax.scale_by_adam(0.8, 0.9, 1e-6), **SETTINGS)
     adam = dict(b1=0.8, b2=0.9, eps=1e-6)
     ours = omgd_jax.galore(
-        1e-2, projector_side="optax", matrices=lambda path, x: x.ndim == 2, **adam, **SETTINGS
+        1e-2, projector_side="optax", leaves=lambda path, x: x.ndim == 2, **adam, **SETTINGS
     )
     assert isinstance(ours.init(params)[0], omgd_jax.GaloreState)  # the projected-space path
     delegated = omgd_jax.galore(1e-2, projector_side="optax", **adam, **SETTINGS)
@@ -91,7 +91,7 @@ def test_projection_matches_numpy_within_one_projector(shape, side, left):
         update_proj_gap=3,
         scale=0.25,
         projector_side=side,
-        matrices="w",
+        leaves="w",
         b1=0.5,
         b2=0.8,
         eps=1e-3,
@@ -141,7 +141,7 @@ def test_stacked_leaves_get_one_projector_per_layer():
     stacked = {"blocks": jnp.zeros((layers, m, n))}
     unrolled = {f"h{i}": jnp.zeros((m, n)) for i in range(layers)}
     kw = dict(rank=2, update_proj_gap=2, scale=0.5)
-    tx_s = omgd_jax.galore(0.1, matrices="blocks", **kw)
+    tx_s = omgd_jax.galore(0.1, leaves="blocks", **kw)
     tx_u = omgd_jax.galore(0.1, **kw)
     s_s, s_u = tx_s.init(stacked), tx_u.init(unrolled)
     up_s, up_u = jax.jit(tx_s.update), jax.jit(tx_u.update)
@@ -156,7 +156,7 @@ def test_stacked_leaves_get_one_projector_per_layer():
 
 def test_galore_on_the_gpt_like_tree_projects_only_the_chosen_kernels():
     params = stacked_tree(num_layers=4, width=3)  # blocks/attn/kernel: (4, 3, 6)
-    state = omgd_jax.galore(1e-3, rank=2, matrices=r"^blocks/.*kernel").init(params)
+    state = omgd_jax.galore(1e-3, rank=2, leaves=r"^blocks/.*kernel").init(params)
     projector = optax.tree.get(state, "galore_projector")
     assert projector["blocks"]["attn"]["kernel"].shape == (4, 3, 2)
     assert isinstance(projector["wte"], optax.MaskedNode)  # 2-D but not chosen: plain Adam
@@ -166,7 +166,7 @@ def test_galore_on_the_gpt_like_tree_projects_only_the_chosen_kernels():
 # ----------------------------------------------------------------------------------- GoLore
 def test_golore_projectors_are_orthonormal_keyed_and_switch_after_svd_steps():
     params = {"blocks": jnp.zeros((2, 5, 9))}
-    kw = dict(rank=3, update_proj_gap=1, matrices="blocks")
+    kw = dict(rank=3, update_proj_gap=1, leaves="blocks")
     galore_p, golore_p = [], {}
     for key in (0, 0, 1):
         tx = omgd_jax.golore(0.1, svd_steps=2, key=key, **kw)
@@ -260,22 +260,22 @@ def test_bad_arguments_raise_clear_errors():
         omgd_jax.galore(0.1, update_proj_gap=0)
     with pytest.raises(ValueError, match="projector_side must be one of"):
         omgd_jax.galore(0.1, projector_side="left")
-    with pytest.raises(TypeError, match="matrices must be"):
-        omgd_jax.galore(0.1, matrices=3)
+    with pytest.raises(TypeError, match="leaves must be None, a regex"):
+        omgd_jax.galore(0.1, leaves=3)
     with pytest.raises(ValueError, match="svd_steps must be >= 0"):
         omgd_jax.golore(0.1, svd_steps=-1)
     with pytest.raises(TypeError, match="key must be"):
         omgd_jax.golore(0.1, key="seed")
     with pytest.raises(ValueError, match="selects no leaf"):
-        omgd_jax.galore(0.1, matrices="^nothing").init({"w": jnp.ones((2, 3))})
+        omgd_jax.galore(0.1, leaves="^nothing").init({"w": jnp.ones((2, 3))})
     with pytest.raises(ValueError, match="needs >= 2 axes"):
-        omgd_jax.galore(0.1, matrices="b").init({"b": jnp.ones(3)})
+        omgd_jax.galore(0.1, leaves="b").init({"b": jnp.ones(3)})
     with pytest.raises(ValueError, match="rank must be <= dim"):
         omgd_jax.stiefel_projector(jax.random.key(0), 2, 3)
 
 
 FACTORIES = {
-    "galore": lambda: omgd_jax.galore(1e-2, rank=2, update_proj_gap=2, matrices="kernel"),
+    "galore": lambda: omgd_jax.galore(1e-2, rank=2, update_proj_gap=2, leaves="kernel"),
     "golore": lambda: omgd_jax.golore(1e-2, rank=2, update_proj_gap=2, svd_steps=2),
 }
 
@@ -340,7 +340,7 @@ def test_stacked_svd_refresh_works_one_layer_at_a_time():
     layer at once (2.25x the stack before)."""
     layers, m, n = 8, 64, 256
     params = {"blocks": {"kernel": jax.ShapeDtypeStruct((layers, m, n), jnp.float32)}}
-    tx = omgd_jax.galore(1e-3, rank=8, matrices=r"kernel")
+    tx = omgd_jax.galore(1e-3, rank=8, leaves=r"kernel")
     state = jax.eval_shape(tx.init, params)
 
     def step(grads, state, params):
@@ -350,3 +350,28 @@ def test_stacked_svd_refresh_works_one_layer_at_a_time():
     compiled = jax.jit(step, donate_argnums=(1, 2)).lower(params, state, params).compile()
     stack, layer = layers * m * n * 4, m * n * 4
     assert compiled.memory_analysis().temp_size_in_bytes < stack + 4 * layer
+
+
+@pytest.mark.parametrize("svd_steps", [None, 1])
+def test_scale_by_galore_then_decay_and_lr_is_galore_or_golore(svd_steps):
+    params = {"w": jnp.ones((6, 4)), "b": jnp.ones(4)}
+    kw = dict(rank=2, update_proj_gap=2, leaves="w")
+    if svd_steps is None:
+        full = omgd_jax.galore(0.1, weight_decay=0.01, **kw)
+    else:
+        full = omgd_jax.golore(0.1, weight_decay=0.01, svd_steps=svd_steps, key=3, **kw)
+        kw.update(svd_steps=svd_steps, key=3)
+    parts = optax.chain(
+        omgd_jax.scale_by_galore(**kw),
+        optax.add_decayed_weights(0.01),
+        optax.scale_by_learning_rate(0.1),
+    )
+    s1, s2 = full.init(params), parts.init(params)
+    for t in range(4):
+        g = jax.tree.map(
+            lambda x, t=t: jnp.sin(jnp.arange(x.size, dtype=jnp.float32) + t).reshape(x.shape),
+            params,
+        )
+        u1, s1 = full.update(g, s1, params)
+        u2, s2 = parts.update(g, s2, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), u1, u2)

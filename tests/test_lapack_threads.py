@@ -11,7 +11,7 @@ import pytest
 
 _SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
-from omgd_jax import lapack_threads
+from omgd_jax._src import lapack_threads
 before = lapack_threads.blas_threads()
 first, again = lapack_threads.single_threaded_lapack(), lapack_threads.single_threaded_lapack()
 a = np.random.default_rng(0).normal(size=(160, 64)).astype(np.float32)
@@ -40,13 +40,13 @@ def test_single_threaded_lapack_sets_one_blas_thread_and_qr_still_factors():
 _CPU_STEP = """
 import jax
 import omgd_jax
-from omgd_jax import lapack_threads
-from omgd_jax.mofasgd import scale_by_mofasgd
+from omgd_jax._src import lapack_threads
+from omgd_jax._src.baselines.mofasgd import scale_by_mofasgd
 before = lapack_threads.blas_threads()
 tx = {{
     "mofasgd": scale_by_mofasgd(32),
-    "galore": omgd_jax.galore(1e-3, rank=32, update_proj_gap=1, matrices="w"),
-    "golore": omgd_jax.golore(1e-3, rank=32, update_proj_gap=1, matrices="w"),
+    "galore": omgd_jax.galore(1e-3, rank=32, update_proj_gap=1, leaves="w"),
+    "golore": omgd_jax.golore(1e-3, rank=32, update_proj_gap=1, leaves="w"),
 }}["{name}"]
 params = {{"w": jax.random.normal(jax.random.key(0), (2, 160, 48))}}
 state = jax.jit(tx.init)(params)

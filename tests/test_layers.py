@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from omgd_jax import layers as layers_lib
-from omgd_jax.layers import ALWAYS, SKIP, STACKED, UNIT, UNROLLED
+from omgd_jax._src import layers as layers_lib
+from omgd_jax._src.layers import ALWAYS, SKIP, STACKED, UNIT, UNROLLED
+from omgd_jax._src.placeholder import is_params_placeholder
 from tests.conftest import stacked_tree
 
 
@@ -86,13 +87,13 @@ def test_the_map_params_placeholder_is_recognised_by_type():
     seen = []
 
     def init(params):
-        seen.append(layers_lib.is_params_placeholder(params))
+        seen.append(is_params_placeholder(params))
         return ()
 
     optax.tree.map_params(init, lambda x: x, ())
     assert seen == [True]
-    assert not layers_lib.is_params_placeholder({"w": jnp.ones(2)})
-    assert not layers_lib.is_params_placeholder(None)
+    assert not is_params_placeholder({"w": jnp.ones(2)})
+    assert not is_params_placeholder(None)
 
 
 @pytest.mark.parametrize(

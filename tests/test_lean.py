@@ -161,7 +161,11 @@ def test_errors_name_the_problem():
         omgd_jax.scan_layers(layer, params["blocks"], jnp.ones((2, D)), view, jnp.array([0]))
     tx = omgd_jax.omgd_adamw(1e-2, num_masks=2)  # element granularity
     with pytest.raises(ValueError, match="granularity='layer'"):
-        tx.update(params, tx.init(params), params, active_layers=jnp.array([0]), num_layers=6)
+        ids = omgd_jax.LayerIds(jnp.array([0]), 6)
+        tx.update(params, tx.init(params), params, layer_ids=ids)
+    layer_tx = omgd_jax.omgd_adamw(1e-2, granularity="layer", layers=LAYERS, layers_per_phase=1)
+    with pytest.raises(TypeError, match="LayerIds"):
+        layer_tx.update(params, layer_tx.init(params), params, layer_ids=jnp.array([0]))
     unrolled = {"h_0": {"w": jnp.ones(2)}, "h_1": {"w": jnp.ones(2)}}
     with pytest.raises(ValueError, match="stacked layers"):
         omgd_jax.layer_view(unrolled, jnp.array([0]), layers=r"h_(\d+)/")

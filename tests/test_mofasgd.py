@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import omgd_jax
-from omgd_jax.mofasgd import (
+from omgd_jax._src.baselines.mofasgd import (
     factored_momentum_step,
     mofasgd,
     scale_by_mofasgd,
@@ -171,7 +171,7 @@ FACTORIES = {
     "scale": lambda: scale_by_mofasgd(2),
     "scale-grad": lambda: scale_by_mofasgd(2, update="inverse_sv", init="grad_svd"),
     "mofasgd": lambda: mofasgd(1e-2, 2),
-    "mofasgd-random": lambda: mofasgd(1e-2, 2, init="random", low_rank=r"kernel$"),
+    "mofasgd-random": lambda: mofasgd(1e-2, 2, init="random", leaves=r"kernel$"),
 }
 
 
@@ -270,12 +270,12 @@ def test_clear_errors():
         scale_by_mofasgd(2, beta=-0.5)
     with pytest.raises(TypeError, match="key must be"):
         scale_by_mofasgd(2, key=1.5)
-    with pytest.raises(TypeError, match="low_rank must be"):
-        mofasgd(0.1, 2, low_rank=7)
+    with pytest.raises(TypeError, match="leaves must be"):
+        mofasgd(0.1, 2, leaves=7)
     with pytest.raises(ValueError, match="factors 2-D leaves"):
         scale_by_mofasgd(2).init({"b": jnp.ones(3)})
-    with pytest.raises(ValueError, match="low_rank selected a leaf of shape"):
-        mofasgd(0.1, 2, low_rank="b").init({"b": jnp.ones(3)})
+    with pytest.raises(ValueError, match="leaves selected a leaf of shape"):
+        mofasgd(0.1, 2, leaves="b").init({"b": jnp.ones(3)})
 
 
 def gpt_nano():
@@ -318,7 +318,7 @@ def test_many_matrices_in_one_jitted_step_do_not_deadlock():
 
 def test_batched_and_layer_by_layer_paths_agree():
     # vmap is used off CPU, lax.map on CPU: the same maths either way.
-    from omgd_jax.mofasgd import _over_layers
+    from omgd_jax._src.baselines.mofasgd import _over_layers
 
     rng = np.random.default_rng(5)
     u = jnp.asarray(np.stack([orthonormal(rng, 6, 2) for _ in range(3)]), jnp.float32)

@@ -38,12 +38,12 @@ def cell_with(cells, source_text: str):
     return cell
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quickstart():
     return execute("quickstart.ipynb")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def theory():
     return execute("theory.ipynb")
 

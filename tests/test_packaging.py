@@ -142,7 +142,7 @@ def _build_wheel(out: Path, src: Path) -> tuple[Path, str]:
     return wheel, done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def built(tmp_path_factory):
     return _build_wheel(tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src"))
 
@@ -169,7 +169,8 @@ def test_the_wheel_holds_the_library_alone(built):
     assert "omgd_jax/py.typed" in names
     assert f"{dist_info}licenses/LICENSE" in names
     shipped = {n.removeprefix("omgd_jax/") for n in names if n.endswith(".py")}
-    assert shipped == {p.name for p in (ROOT / "omgd_jax").glob("*.py")}
+    package = ROOT / "omgd_jax"
+    assert shipped == {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
 
 
 def test_the_metadata_declares_version_license_and_core_dependencies(built):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import omgd_jax
-from omgd_jax.schedule import MaskSchedule
+from omgd_jax._src.schedule import MaskSchedule
 from tests.conftest import masks_over, stacked_tree, tree_sum
 
 shapes = st.lists(
@@ -30,7 +30,7 @@ def make_tree(shape_list):
     num_masks=st.integers(1, 5),
     steps=st.integers(1, 3),
     granularity=st.sampled_from(["element", "tensor"]),
-    layout=st.sampled_from(["contiguous", "random"]),
+    layout=st.sampled_from(["contiguous", "strided", "random"]),
     balance=st.sampled_from(["count", "size"]),
     seed=st.integers(0, 2**16),
 )
@@ -80,7 +80,7 @@ def activity(schedule, tree, key, steps):
 
 
 @pytest.mark.parametrize("traversal", ["wor", "iid"])
-@pytest.mark.parametrize("layout", ["contiguous", "random"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "random"])
 def test_every_coordinate_is_active_with_probability_one_over_m(traversal, layout):
     num_masks, phases = 4, 1000
     schedule = MaskSchedule(num_masks, traversal=traversal, layout=layout)
@@ -257,7 +257,7 @@ def test_non_float_leaves_pass_through():
         (dict(num_masks=2.0), "num_masks must be an int"),
         (dict(num_masks=2, granularity="row"), "granularity must be one of"),
         (dict(num_masks=2, traversal="random"), "traversal must be one of"),
-        (dict(num_masks=2, layout="strided"), "layout must be one of"),
+        (dict(num_masks=2, layout="banded"), "layout must be one of"),
         (dict(num_masks=2, balance="bytes"), "balance must be one of"),
         (dict(num_masks=2, warmup_steps=-1), "warmup_steps must be >= 0"),
         (dict(num_masks=2, granularity="layer"), "needs layers="),
@@ -313,9 +313,9 @@ def test_layers_that_select_nothing_are_an_error():
             "traversal must be one of ('wor', 'iid'), got 'random'",
         ),
         (
-            dict(num_masks=2, layout="strided"),
+            dict(num_masks=2, layout="banded"),
             ValueError,
-            "layout must be one of ('contiguous', 'random'), got 'strided'",
+            "layout must be one of ('contiguous', 'strided', 'random'), got 'banded'",
         ),
         (
             dict(num_masks=2, balance="bytes"),

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import omgd_jax
 from tests.conftest import stacked_tree
 
-SIFT_STATIC = ("sparse_rate", "select_step", "selected", "layers", "mask")
+SIFT_STATIC = ("sparse_rate", "select_step", "leaves", "stacked", "mask")
 
 
 def random_tree(tree, seed):
@@ -40,7 +40,7 @@ PARAMS = {"w": jnp.zeros((5, 8)), "blocks": jnp.zeros((3, 4, 5)), "b": jnp.zeros
 
 def test_subset_is_the_top_abs_g_set_and_the_rest_stays_bit_for_bit():
     params = random_tree(PARAMS, 10)
-    tx = omgd_jax.sift(0.05, sparse_rate=0.15, layers="blocks", weight_decay=0.1)
+    tx = omgd_jax.sift(0.05, sparse_rate=0.15, stacked="blocks", weight_decay=0.1)
     state, update = tx.init(params), jax.jit(tx.update)
     g0 = random_tree(params, 0)
     new = params
@@ -121,7 +121,7 @@ def test_unselected_leaves_get_plain_adamw_and_non_floats_stay():
     params = random_tree({"w": jnp.zeros((4, 4)), "b": jnp.zeros(5)}, 2)
     params["step"] = jnp.int32(7)
     kw = dict(b1=0.8, b2=0.9, eps=1e-6, weight_decay=0.1)
-    tx = omgd_jax.sift(0.1, 0.25, selected="^w$", **kw)
+    tx = omgd_jax.sift(0.1, 0.25, leaves="^w$", **kw)
     ref = optax.adamw(0.1, **kw)
     s, r = tx.init(params), ref.init({"b": params["b"]})
     assert isinstance(optax.tree.get(s, "sift_indices")["b"], optax.MaskedNode)
@@ -164,12 +164,12 @@ def test_bad_arguments_raise_clear_errors():
         omgd_jax.sift(0.1, "0.1")
     with pytest.raises(ValueError, match="select_step must be >= 0"):
         omgd_jax.sift(0.1, select_step=-1)
-    with pytest.raises(TypeError, match="selected must be None, a regex"):
-        omgd_jax.sift(0.1, selected=3)
-    with pytest.raises(TypeError, match="layers must be None, a regex"):
-        omgd_jax.sift(0.1, layers=[1])
+    with pytest.raises(TypeError, match="leaves must be None, a regex"):
+        omgd_jax.sift(0.1, leaves=3)
+    with pytest.raises(TypeError, match="stacked must be None, a regex"):
+        omgd_jax.sift(0.1, stacked=[1])
     with pytest.raises(ValueError, match="selects no leaf"):
-        omgd_jax.sift(0.1, selected="^nothing").init({"w": jnp.ones(3)})
+        omgd_jax.sift(0.1, leaves="^nothing").init({"w": jnp.ones(3)})
     with pytest.raises(ValueError, match="weight decay needs params"):
         tx = omgd_jax.sift(0.1, weight_decay=0.1)
         tx.update({"w": jnp.ones(3)}, tx.init({"w": jnp.ones(3)}))
@@ -178,7 +178,7 @@ def test_bad_arguments_raise_clear_errors():
 def test_init_on_shapes_stable_state_under_jit_and_chain():
     params = stacked_tree(num_layers=2, width=3)
     tx = optax.chain(
-        optax.clip_by_global_norm(1.0), omgd_jax.sift(1e-2, 0.2, select_step=1, layers="^blocks/")
+        optax.clip_by_global_norm(1.0), omgd_jax.sift(1e-2, 0.2, select_step=1, stacked="^blocks/")
     )
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     spec = lambda s: jax.tree.map(lambda a: (a.shape, a.dtype), s)
@@ -225,3 +225,23 @@ def test_inject_hyperparams_with_static_args():
     state.hyperparams["learning_rate"] = jnp.asarray(0.4)
     u2, _ = tx.update(g, state, params)
     np.testing.assert_allclose(u2["w"], 4 * u1["w"], rtol=1e-6)
+
+
+def test_scale_by_sift_then_lr_is_sift():
+    params = {"w": jnp.ones((3, 5)), "b": jnp.ones(3)}
+    full = omgd_jax.sift(0.1, 0.4, leaves="w", weight_decay=0.01)
+    parts = optax.chain(
+        omgd_jax.scale_by_sift(0.4, leaves="w", weight_decay=0.01),
+        optax.scale_by_learning_rate(0.1),
+    )
+    s1, s2 = full.init(params), parts.init(params)
+    for t in range(3):
+        g = jax.tree.map(
+            lambda x, t=t: jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * (t + 1)).reshape(
+                x.shape
+            ),
+            params,
+        )
+        u1, s1 = full.update(g, s1, params)
+        u2, s2 = parts.update(g, s2, params)
+        jax.tree.map(np.testing.assert_array_equal, u1, u2)

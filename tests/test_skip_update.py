@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import omgd_jax
-from omgd_jax.layers import path_str
-from omgd_jax.skip_update import (
+from omgd_jax._src.baselines.skip_update import (
     block_counts,
     draw_blocks,
     magma,
@@ -20,6 +19,7 @@ from omgd_jax.skip_update import (
     skip_update,
     skip_update_adamw,
 )
+from omgd_jax._src.layers import path_str
 from tests.conftest import stacked_tree
 
 
@@ -344,8 +344,8 @@ def test_clear_errors():
         skip_update(sgd, key="seed")
     with pytest.raises(TypeError, match="inner must be"):
         magma(lambda g: g)
-    with pytest.raises(TypeError, match="masked must be"):
-        skip_update(sgd, masked=3)
+    with pytest.raises(TypeError, match="leaves must be"):
+        skip_update(sgd, leaves=3)
     with pytest.raises(TypeError, match="p must be a Python float"):
         skip_update(sgd, jnp.float32(0.5), traversal="wor")
     tx = magma(sgd)  # plain sgd keeps no first moment

@@ -17,9 +17,10 @@ Parameter paths ('/'-joined, as `nnx.to_pure_dict(nnx.state(model, nnx.Param))` 
     blocks/mlp/c_proj/{kernel,bias}    (L, 4d, d), (L, d)     init std 0.02/sqrt(2L)
     ln_f/{scale,bias}             (d,)
 
-No dropout (nanoGPT pre-trains GPT-2 with dropout 0). Parameters are always float32 ("master
-weights"); `dtype="bfloat16"` only changes the compute dtype of matmuls and activations, the
-logits and the loss are float32.
+No dropout (nanoGPT pre-trains GPT-2 with dropout 0). Parameters are float32 ("master
+weights"; `param_dtype` keeps a 16-bit Hugging Face checkpoint in its dtype, `examples.gpt2.hf`);
+`dtype="bfloat16"` only changes the compute dtype of matmuls and activations, the logits and the
+loss are float32.
 """
 
 from __future__ import annotations
@@ -48,12 +49,17 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"; params stay float32
     remat: bool = False  # recompute each block's activations in the backward pass
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (no full logits)
+    param_dtype: str = "float32"  # the weights' dtype (16-bit for Hugging Face checkpoints kept so)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.param_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"param_dtype must be 'float32', 'bfloat16' or 'float16', got {self.param_dtype!r}"
+            )
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -84,14 +90,18 @@ def _dense(din, dout, std, cfg, rngs):
         kernel_init=nnx.initializers.normal(std),
         bias_init=nnx.initializers.zeros_init(),
         dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.float32,
+        param_dtype=jnp.dtype(cfg.param_dtype),
         rngs=rngs,
     )
 
 
 def _layernorm(d, cfg, rngs):
     return nnx.LayerNorm(
-        d, epsilon=1e-5, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs
+        d,
+        epsilon=1e-5,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
     )
 
 
@@ -146,7 +156,7 @@ class GPT(nnx.Module):
             cfg.n_embd,
             embedding_init=init,
             dtype=dt,
-            param_dtype=jnp.float32,
+            param_dtype=jnp.dtype(cfg.param_dtype),
             rngs=rngs,
         )
         self.wpe = nnx.Embed(
@@ -154,7 +164,7 @@ class GPT(nnx.Module):
             cfg.n_embd,
             embedding_init=init,
             dtype=dt,
-            param_dtype=jnp.float32,
+            param_dtype=jnp.dtype(cfg.param_dtype),
             rngs=rngs,
         )
 

@@ -17,6 +17,7 @@ One definition serves the training program and the benchmarks (`benchmarks/`):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,17 +122,17 @@ def method_optimizer(cfg: Config, lr: optax.Schedule) -> optax.GradientTransform
         return omgd_jax.omgd_adamw(lr, **adam, **omgd_kwargs(cfg))
     if name in ("galore", "golore"):
         kw = dict(rank=cfg.rank, update_proj_gap=cfg.proj_gap, scale=cfg.galore_scale,
-                  matrices=BLOCK_MATRICES, b1=b1, b2=b2, eps=eps, weight_decay=wd,
+                  leaves=BLOCK_MATRICES, b1=b1, b2=b2, eps=eps, weight_decay=wd,
                   mask=decay_mask)  # fmt: skip
         if name == "golore":
             return omgd_jax.golore(lr, svd_steps=cfg.svd_steps, key=key, **kw)
         return omgd_jax.galore(lr, **kw)
     if name == "sift":
-        return omgd_jax.sift(lr, cfg.sparse_rate, selected=BLOCK_MATRICES, layers=BLOCKS,
+        return omgd_jax.sift(lr, cfg.sparse_rate, leaves=BLOCK_MATRICES, stacked=BLOCKS,
                              b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)  # fmt: skip
     if name.startswith(("skip-update", "magma")):
         traversal = "wor" if name.endswith("-wor") else "iid"
-        kw = dict(b1=b1, b2=b2, eps=eps, weight_decay=wd, decay_mask=decay_mask, key=key,
+        kw = dict(b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask, key=key,
                   traversal=traversal)  # fmt: skip
         if name.startswith("magma"):
             return omgd_jax.magma_adamw(lr, cfg.keep_prob, cfg.magma_tau, **kw)
@@ -144,9 +145,38 @@ def method_optimizer(cfg: Config, lr: optax.Schedule) -> optax.GradientTransform
     raise ValueError(f"no optimizer named {name!r}")  # finalize refuses it first
 
 
+class GradNormState(NamedTuple):
+    """State of `record_grad_norm`: the global norm of the last gradient it saw."""
+
+    grad_norm: jax.Array  # float32 scalar
+
+
+def record_grad_norm() -> optax.GradientTransformation:
+    """Passes the gradient through and keeps its global norm in the state (for the logs): the
+    norm of what the step differentiated (the trained share, for the lean step)."""
+
+    def init(params):
+        del params
+        return GradNormState(jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del state, params
+        return updates, GradNormState(optax.tree.norm(updates).astype(jnp.float32))
+
+    return optax.GradientTransformation(init, update)
+
+
+def grad_norm(opt_state) -> jax.Array:
+    """The norm `record_grad_norm` kept in a `make_optimizer` state."""
+    return opt_state[0].grad_norm
+
+
 def make_optimizer(cfg: Config, stage: str) -> optax.GradientTransformation:
-    """What a stage trains with: clip_by_global_norm -> `base_optimizer(cfg, stage)`."""
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), base_optimizer(cfg, stage))
+    """What a stage trains with: record the gradient norm -> clip_by_global_norm ->
+    `base_optimizer(cfg, stage)`."""
+    return optax.chain(
+        record_grad_norm(), optax.clip_by_global_norm(cfg.grad_clip), base_optimizer(cfg, stage)
+    )
 
 
 def tree_bytes(tree, under: str | None = None) -> int:

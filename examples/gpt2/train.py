@@ -36,18 +36,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import omgd_jax
+from benchmarks import report
 from examples.gpt2.checkpoint import Checkpointer, SigtermFlag, resume_point
 from examples.gpt2.config import Config, ConfigError, build_parser, finalize, parse_args
 from examples.gpt2.model import GPT, GPTConfig, get_config, loss_fn
 from examples.gpt2.optimizers import (
     BLOCKS,
     LAYER_OPTIMIZERS,
+    grad_norm,
     lr_schedule,
     make_optimizer,
     stage_at,
@@ -177,71 +178,34 @@ class TrainState(NamedTuple):
     opt_state: Any  # the optimizer state of the current stage
 
 
-def train_step(graphdef, tx, state: TrainState, x, y) -> tuple[TrainState, dict]:
-    """One optimizer step on x, y of shape (accum, batch, T): the gradient averaged over the
-    `accum` micro-batches (a `lax.scan`), then `tx`. Returns the new state and its metrics."""
+def step_function(cfg: Config, stage: str) -> Callable:
+    """The library step a stage trains with: `omgd_jax.lean_train_step` for layer-wise compact
+    OMGD / LISA (unless --no-lean), `omgd_jax.train_step` (the dense gradient) otherwise."""
+    layerwise = cfg.optimizer in LAYER_OPTIMIZERS and cfg.omgd_state == "compact"
+    lean = stage == "omgd" and layerwise and cfg.lean
+    return omgd_jax.lean_train_step if lean else omgd_jax.train_step
+
+
+def make_step(cfg: Config, stage: str, graphdef, tx) -> Callable:
+    """``(TrainState, x, y) -> (TrainState, metrics)`` on x, y of shape (accum, batch, T): one
+    optimizer step of the library's step (`step_function`) over `grad_accum` micro-batches."""
 
     def loss_of(params, x, y):
         return loss_fn(nnx.merge(graphdef, params), x, y)
 
-    grad_fn = jax.value_and_grad(loss_of)
-    if x.shape[0] == 1:
-        loss, grads = grad_fn(state.params, x[0], y[0])
-    else:
+    factory = step_function(cfg, stage)
+    kw = {"layers": BLOCKS} if factory is omgd_jax.lean_train_step else {}
+    inner = factory(loss_of, tx, microbatches=cfg.grad_accum, **kw)
 
-        def micro(carry, xy):
-            return jax.tree.map(jnp.add, carry, grad_fn(state.params, *xy)), None
+    def step(state: TrainState, x, y):
+        params, opt_state, loss = inner(state.params, state.opt_state, x, y)
+        return TrainState(params, opt_state), {"loss": loss, "grad_norm": grad_norm(opt_state)}
 
-        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(micro, zero, (x, y))
-        loss, grads = jax.tree.map(lambda g: g / x.shape[0], (loss, grads))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-
-def lean_train_step(graphdef, tx, state: TrainState, x, y) -> tuple[TrainState, dict]:
-    """`train_step` for layer-wise OMGD / LISA with compact state: only the active blocks are
-    differentiated (their gradient is a [gamma, ...] view), own optimizer state and are written
-    (in place into the donated parameters); the rest of the stack is read, never copied.
-    The active blocks come from the optimizer state, so every phase runs this one program.
-    Clipping sees the trained share only (as in PyTorch, where frozen blocks have no gradient).
-    """
-
-    def loss_of(params, x, y):
-        return loss_fn(nnx.merge(graphdef, params), x, y)
-
-    ids = omgd_jax.active_layers(state.opt_state)
-    grad_fn = omgd_jax.lean_value_and_grad(loss_of, layers=BLOCKS)
-    if x.shape[0] == 1:
-        loss, grads = grad_fn(state.params, ids, x[0], y[0])
-    else:
-
-        def micro(carry, xy):
-            return jax.tree.map(jnp.add, carry, grad_fn(state.params, ids, *xy)), None
-
-        zero = jax.eval_shape(grad_fn, state.params, ids, x[0], y[0])
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-        (loss, grads), _ = jax.lax.scan(micro, zero, (x, y))
-        loss, grads = jax.tree.map(lambda g: g / x.shape[0], (loss, grads))
-    view = omgd_jax.layer_view(state.params, ids, layers=BLOCKS)
-    depth = jax.tree.leaves(state.params["blocks"])[0].shape[0]
-    updates, opt_state = tx.update(
-        grads, state.opt_state, view, active_layers=ids, num_layers=depth
-    )
-    params = omgd_jax.apply_layer_updates(state.params, view, updates, ids, layers=BLOCKS)
-    return TrainState(params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return step
 
 
 def eval_step(graphdef, params, x, y):
     return loss_fn(nnx.merge(graphdef, params), x, y)
-
-
-def step_function(cfg: Config, stage: str) -> Callable:
-    """The step a stage trains with: the lean step for layer-wise compact OMGD / LISA (unless
-    --no-lean), `train_step` (the dense gradient) for everything else."""
-    layerwise = cfg.optimizer in LAYER_OPTIMIZERS and cfg.omgd_state == "compact"
-    return lean_train_step if stage == "omgd" and layerwise and cfg.lean else train_step
 
 
 class Stage(NamedTuple):
@@ -266,26 +230,12 @@ def compile_stage(cfg: Config, name: str, graphdef, abstract_params, mesh) -> St
         raise ConfigError(str(e)) from e
     shardings = jax.tree.map(lambda t: tree_shardings(mesh, t, cfg.fsdp), abstract)
     step = jax.jit(
-        functools.partial(step_function(cfg, name), graphdef, tx),
+        make_step(cfg, name, graphdef, tx),
         donate_argnums=0,
         out_shardings=(shardings, None),
     )
     init = jax.jit(tx.init, out_shardings=shardings.opt_state)
     return Stage(name, abstract, shardings, step, init)
-
-
-def memory_summary(compiled) -> dict:
-    """Bytes of a compiled step (`jax.stages.Compiled.memory_analysis()`): argument, temp, output,
-    alias, and `peak_bytes` = argument + temp (the outputs alias the donated state)."""
-    m = compiled.memory_analysis()
-    out = {
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "temp_bytes": int(m.temp_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes),
-        "alias_bytes": int(m.alias_size_in_bytes),
-    }
-    out["peak_bytes"] = out["argument_bytes"] + out["temp_bytes"]
-    return out
 
 
 def step_memory(cfg: Config) -> dict:
@@ -295,7 +245,7 @@ def step_memory(cfg: Config) -> dict:
     graphdef, abstract_params = abstract_model(mcfg, cfg.seed)
     stage = compile_stage(cfg, stages(cfg)[-1], graphdef, abstract_params, make_mesh())
     x = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.block_size), jnp.int32)
-    return memory_summary(stage.step.lower(stage.abstract, x, x).compile())
+    return report.memory(stage.step.lower(stage.abstract, x, x).compile())
 
 
 # ----------------------------------------------------------------------------- logging

@@ -1,4 +1,9 @@
-"""A LLaMA-style decoder in Flax NNX: RMSNorm, rotary positions, SwiGLU, no biases, untied head.
+"""A LLaMA-family decoder in Flax NNX: RMSNorm, rotary positions, SwiGLU.
+
+One model covers the Llama architecture family as Hugging Face's ``config.json`` describes it
+(`examples.llama.hf` reads and writes those checkpoints): Llama 2, Llama 3 / 3.1 / 3.2 (grouped-
+query attention, ``llama3`` rope scaling, tied embeddings), Mistral and Qwen2 / 2.5 (q/k/v
+biases). The presets keep the original LLaMA shape: multi-head attention, no biases, untied head.
 
 The blocks are stacked on a leading layer axis (`nnx.vmap` to build, `omgd_jax.scan_layers` to
 run), so layer-wise OMGD picks them with ``layers=r"^blocks/"`` and the lean step trains only
@@ -6,20 +11,27 @@ the active ones. ``"llama-7b"`` (6.74B parameters) is used by `benchmarks/memory
 abstract shapes only (`nnx.eval_shape`): no 7B weights are ever allocated. ``"tiny"`` trains in
 the tests.
 
-Parameter paths:
+Parameter paths (H heads, K key/value heads, h = head_dim; d = H h in the presets):
 
     embed/embedding                (vocab, d)
     blocks/attn_norm/scale         (L, d)
-    blocks/attn/{wq,wk,wv,wo}/kernel   (L, d, d)
+    blocks/attn/wq/kernel          (L, d, H h)      blocks/attn/wo/kernel (L, H h, d)
+    blocks/attn/{wk,wv}/kernel     (L, d, K h)
+    blocks/attn/{wq,wk,wv}/bias    (L, H h), (L, K h)   only with ``qkv_bias`` (Qwen2)
+    blocks/attn/wo/bias            (L, d)               only with ``o_bias``
     blocks/mlp_norm/scale          (L, d)
     blocks/mlp/{w_gate,w_up}/kernel    (L, d, f); blocks/mlp/w_down/kernel (L, f, d)
     norm/scale                     (d,)
-    head/kernel                    (d, vocab)
+    head/kernel                    (d, vocab)       absent with ``tie_embeddings``
+
+Packed sequences: ``model(idx, positions=..., segment_ids=...)`` restarts the rotary positions
+and confines attention to tokens of the same segment (one example each).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +43,22 @@ from examples.embedding import embed
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """``rope_scaling`` of type ``llama3`` (Llama 3.1 / 3.2): long wavelengths divided by
+    ``factor``, short ones kept, a smooth blend between ``original_max_len / low_freq_factor``
+    and ``original_max_len / high_freq_factor``."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """Shape of the network; the fields after ``loss_chunk`` cover the Hugging Face variants
+    (their defaults are the original LLaMA's)."""
+
     n_layer: int = 32
     n_head: int = 32
     dim: int = 4096
@@ -43,10 +70,33 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     remat: bool = True  # keep only each block's input for the backward pass
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (no full logits)
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    head_dim: int | None = None  # None: dim // n_head
+    norm_eps: float = 1e-6  # RMSNorm epsilon (Hugging Face's rms_norm_eps)
+    rope_scaling: Llama3RopeScaling | None = None
+    tie_embeddings: bool = False  # the head is the embedding table (no head/kernel)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama's attention_bias)
+    sliding_window: int | None = None  # longer sequences are refused (no windowed attention)
+    arch: str = "llama"  # Hugging Face model_type: "llama", "mistral" or "qwen2"
 
     def __post_init__(self):
-        if self.dim % self.n_head:
+        if self.head_dim is None and self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.hd % 2:
+            raise ValueError(f"head_dim={self.hd} must be even (rotary positions)")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` (multi-head attention)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hd(self) -> int:
+        """Width of one attention head: ``head_dim``, or ``dim // n_head``."""
+        return self.dim // self.n_head if self.head_dim is None else self.head_dim
 
 
 PRESETS = {
@@ -61,11 +111,11 @@ def get_config(preset: str, **overrides) -> LlamaConfig:
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
-def _linear(din, dout, cfg, rngs):
+def _linear(din, dout, cfg, rngs, bias=False):
     return nnx.Linear(
         din,
         dout,
-        use_bias=False,
+        use_bias=bias,
         kernel_init=nnx.initializers.normal(0.02),
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
@@ -76,49 +126,134 @@ def _linear(din, dout, cfg, rngs):
 def _norm(d, cfg, rngs):
     return nnx.RMSNorm(
         d,
-        epsilon=1e-6,
+        epsilon=cfg.norm_eps,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         rngs=rngs,
     )
 
 
-def rotary(x: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding of (B, T, H, hd) queries or keys (pairs of halves)."""
+def rope_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None):
+    """The rotary inverse frequencies (head_dim / 2,) in float32, as Hugging Face computes them:
+    ``1 / theta ** (2i / head_dim)``, then the ``llama3`` rescaling when ``scaling`` is given."""
+    inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv
+    s = scaling
+    low_wavelen = s.original_max_len / s.low_freq_factor  # longer: divided by factor
+    high_wavelen = s.original_max_len / s.high_freq_factor  # shorter: kept
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_len / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(
+    x: jax.Array,
+    theta: float,
+    positions: jax.Array | None = None,
+    scaling: Llama3RopeScaling | None = None,
+) -> jax.Array:
+    """Rotary position embedding of (B, T, H, hd) queries or keys (pairs of halves).
+
+    Args:
+      x: queries or keys, (B, T, H, hd).
+      theta: the rotary base (``rope_theta``).
+      positions: int (B, T) position of every token (packed sequences restart them); None:
+        ``0 .. T-1`` in every row.
+      scaling: ``llama3`` rope scaling of the frequencies, or None.
+
+    Returns:
+      ``x`` rotated, in its dtype (the angles are computed in float32).
+    """
     T, hd = x.shape[1], x.shape[-1]
-    freq = theta ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) * 2 / hd)
-    angle = jnp.arange(T, dtype=jnp.float32)[:, None] * freq[None]  # (T, hd/2)
-    cos, sin = (f(angle)[None, :, None, :].astype(x.dtype) for f in (jnp.cos, jnp.sin))
+    if positions is None and scaling is None:
+        freq = theta ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) * 2 / hd)
+        angle = jnp.arange(T, dtype=jnp.float32)[:, None] * freq[None]  # (T, hd/2)
+        cos, sin = (f(angle)[None, :, None, :].astype(x.dtype) for f in (jnp.cos, jnp.sin))
+    else:
+        cos, sin = rotary_tables(hd, theta, positions, scaling, x.shape[0], T)
+        cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def causal_attention(q, k, v):
+def rotary_tables(hd, theta, positions, scaling, B, T):
+    """float32 (cos, sin) of shape (B or 1, T, 1, hd/2) for `rotary`."""
+    if positions is None:
+        positions = jnp.arange(T)[None]
+    angle = positions.astype(jnp.float32)[..., None] * rope_frequencies(hd, theta, scaling)
+    return jnp.cos(angle)[:, :, None], jnp.sin(angle)[:, :, None]
+
+
+def attention_mask(segment_ids: jax.Array | None, T: int) -> jax.Array:
+    """Which keys each query sees: causal, within its own segment. (T, T), or (B, T, T) with
+    ``segment_ids`` (int (B, T), one id per packed example)."""
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    if segment_ids is None:
+        return causal
+    return causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+def causal_attention(q, k, v, mask=None):
     """Softmax attention with scores in the compute dtype (16-bit scores in 16-bit training).
+
+    ``q`` is (B, T, H, hd); ``k`` and ``v`` (B, T, K, hd) with K dividing H (grouped-query
+    attention: query head h reads key/value head h // (H / K)). ``mask``: bool (T, T) or
+    (B, T, T) from `attention_mask`; None: causal.
 
     Written out rather than `jax.nn.dot_product_attention`, whose 16-bit path asks for f32
     accumulation, which XLA:CPU does not offer.
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    T = q.shape[1]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    if mask is None:
+        mask = jnp.tril(jnp.ones((T, T), bool))
+    scale = jnp.sqrt(hd).astype(q.dtype)
+    if K == H:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / scale
+        allowed = mask if mask.ndim == 2 else mask[:, None]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    qg = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k) / scale
+    allowed = mask if mask.ndim == 2 else mask[:, None, None]
+    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(scores, axis=-1), v)
+    return out.reshape(B, T, H, hd)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.wq, self.wk, self.wv, self.wo = (
-            _linear(cfg.dim, cfg.dim, cfg, rngs) for _ in range(4)
-        )
+        H, K, hd = cfg.n_head, cfg.kv_heads, cfg.hd
+        self.wq = _linear(cfg.dim, H * hd, cfg, rngs, bias=cfg.qkv_bias)
+        self.wk = _linear(cfg.dim, K * hd, cfg, rngs, bias=cfg.qkv_bias)
+        self.wv = _linear(cfg.dim, K * hd, cfg, rngs, bias=cfg.qkv_bias)
+        self.wo = _linear(H * hd, cfg.dim, cfg, rngs, bias=cfg.o_bias)
 
-    def __call__(self, x):
-        B, T, C = x.shape
-        H = self.cfg.n_head
-        q, k, v = (w(x).reshape(B, T, H, C // H) for w in (self.wq, self.wk, self.wv))
-        q, k = rotary(q, self.cfg.rope_theta), rotary(k, self.cfg.rope_theta)
-        return self.wo(causal_attention(q, k, v).reshape(B, T, C))
+    def __call__(self, x, rope=None, mask=None):
+        """``rope``: (cos, sin) tables from `rotary_tables` (None: positions 0 .. T-1, no
+        scaling); ``mask`` from `attention_mask` (None: causal)."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.wq(x).reshape(B, T, cfg.n_head, cfg.hd)
+        k, v = (w(x).reshape(B, T, cfg.kv_heads, cfg.hd) for w in (self.wk, self.wv))
+        if rope is None:
+            q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
+        else:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        return self.wo(causal_attention(q, k, v, mask).reshape(B, T, cfg.n_head * cfg.hd))
+
+
+def _rotate(x, cos, sin):
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
 class SwiGLU(nnx.Module):
@@ -138,13 +273,15 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(cfg.dim, cfg, rngs)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x):
-        x = x + self.attn(self.attn_norm(x))
+    def __call__(self, x, rope=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Llama(nnx.Module):
-    """``model.hidden(idx)``: the final normed states (B, T, d); ``model(idx)``: the logits."""
+    """``model.hidden(idx)``: the final normed states (B, T, d); ``model(idx)``: the logits.
+
+    Both take ``positions`` and ``segment_ids`` (int (B, T)) for packed sequences."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -164,41 +301,78 @@ class Llama(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.norm = _norm(cfg.dim, cfg, rngs)
-        self.head = _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.head = _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
 
-    def hidden(self, idx):
-        if idx.shape[1] > self.cfg.max_len:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_len {self.cfg.max_len}")
+    def hidden(self, idx, positions=None, segment_ids=None):
+        cfg = self.cfg
+        B, T = idx.shape
+        if T > cfg.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {cfg.max_len}")
+        if cfg.sliding_window is not None and T > cfg.sliding_window:
+            raise ValueError(
+                f"sequence length {T} exceeds the config's sliding_window {cfg.sliding_window}: "
+                "sliding-window attention is not supported; use sequences of at most "
+                f"{cfg.sliding_window} tokens"
+            )
+        rope = mask = None
+        if positions is not None or segment_ids is not None or cfg.rope_scaling is not None:
+            rope = rotary_tables(cfg.hd, cfg.rope_theta, positions, cfg.rope_scaling, B, T)
+        if segment_ids is not None:
+            mask = attention_mask(segment_ids, T)
         graphdef, stack = nnx.split(self.blocks)
         x = omgd_jax.scan_layers(
-            lambda layer, h: nnx.merge(graphdef, layer)(h),
+            lambda layer, h: nnx.merge(graphdef, layer)(h, rope, mask),
             stack,
             embed(self.embed, idx),
-            remat=self.cfg.remat,
+            remat=cfg.remat,
         )
         return self.norm(x)
 
-    def __call__(self, idx):
-        return self.head(self.hidden(idx)).astype(jnp.float32)
+    def logits(self, h):
+        """float32 logits of final states ``h`` (..., d): the head, or the tied embedding."""
+        out = self.embed.attend(h) if self.cfg.tie_embeddings else self.head(h)
+        return out.astype(jnp.float32)
+
+    def __call__(self, idx, positions=None, segment_ids=None):
+        return self.logits(self.hidden(idx, positions, segment_ids))
 
 
-def loss_fn(model: Llama, idx, targets):
+def loss_fn(model: Llama, idx, targets, weights=None, positions=None, segment_ids=None):
     """Mean next-token cross-entropy in float32; chunked over tokens when ``loss_chunk`` > 0.
 
     Chunking (a `lax.map` over token chunks with the chunk's logits recomputed in the backward
     pass) keeps the (B T, vocab) logits from ever existing at once.
+
+    Args:
+      model: the `Llama`.
+      idx: int (B, T) input tokens.
+      targets: int (B, T) next tokens.
+      weights: float (B, T) weight of every token's loss (0 leaves it out: prompt, padding);
+        None: 1 everywhere.
+      positions, segment_ids: int (B, T) for packed sequences (see `Llama.hidden`).
+
+    Returns:
+      ``sum(weights * ce) / sum(weights)`` (the plain mean without ``weights``; 0 when every
+      weight is 0).
     """
-    h = model.hidden(idx)
+    h = model.hidden(idx, positions, segment_ids)
     chunk = model.cfg.loss_chunk
     if not chunk:
-        logits = model.head(h).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(h), targets)
+        if weights is None:
+            return ce.mean()
+        return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
     d = h.shape[-1]
-    h, t = h.reshape(-1, chunk, d), targets.reshape(-1, chunk)
+    w = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
+    h, t, w = h.reshape(-1, chunk, d), targets.reshape(-1, chunk), w.reshape(-1, chunk)
 
     @jax.checkpoint
-    def one(ht):
-        logits = model.head(ht[0]).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ht[1]).sum()
+    def one(htw):
+        ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(htw[0]), htw[1])
+        return ce.sum() if weights is None else jnp.sum(ce * htw[2])
 
-    return jnp.sum(jax.lax.map(one, (h, t))) / targets.size
+    total = jnp.sum(jax.lax.map(one, (h, t, w)))
+    if weights is None:
+        return total / targets.size
+    return total / jnp.maximum(jnp.sum(weights), 1e-9)

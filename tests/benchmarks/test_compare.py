@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import compare
+from benchmarks import compare, report
 from examples.gpt2.plot import pareto_front
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def byte_data(tmp_path_factory):
     """A first-order Markov chain over the 256 byte values: learnable, no downloads."""
     d = tmp_path_factory.mktemp("bytes")
@@ -29,12 +29,16 @@ def byte_data(tmp_path_factory):
 def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_path):
     out = tmp_path / "res" / "compare.json"
     compare.main(["--quick", "--data", str(byte_data), "--out", str(out), "--no-progress"])
-    doc = json.loads(out.read_text())
-    assert "partial" not in doc
+    doc = report.load(out)
+    meta = doc["meta"]
+    assert "partial" not in meta and set(doc) == {"meta", "records"}
+    assert meta["command"].startswith("python -m benchmarks.compare --quick")
+    assert meta["backend"] == "cpu" and meta["wall_s"] > 0
+    setting = meta["setting"]
     recs = {r["method"]: r for r in doc["records"]}
     assert list(recs) == [m for m, _, _ in compare.METHODS]
     assert [r["optimizer"] for r in doc["records"]] == [o for _, o, _ in compare.METHODS]
-    seeds = doc["setting"]["seeds"]
+    seeds = setting["seeds"]
     for r in doc["records"]:
         assert [g["lr"] for g in r["lr_grid"]] == list(compare.QUICK_LR_GRID)
         assert r["best_lr"] == min(r["lr_grid"], key=lambda g: g["val_loss"])["lr"]
@@ -44,11 +48,11 @@ def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_pa
         assert r["lr_grid"][0]["val_loss"] == r["val_loss"][0]  # seed 0 is the grid's run
         mem = r["memory"]
         assert r["peak_memory_bytes"] == mem["argument_bytes"] + mem["temp_bytes"]
-        assert mem["argument_bytes"] >= doc["setting"]["param_bytes"] + r["opt_state_bytes"]
-        assert len(r["best_run"]["train_loss"]) == doc["setting"]["steps"]
+        assert mem["argument_bytes"] >= setting["param_bytes"] + r["opt_state_bytes"]
+        assert len(r["best_run"]["train_loss"]) == setting["steps"]
         assert r["step_time_s"] > 0 and r["step_time_rel_adamw"] > 0
     assert recs["AdamW"]["step_time_rel_adamw"] == 1.0
-    params = doc["setting"]["param_bytes"]
+    params = setting["param_bytes"]
     assert 2 * params <= recs["AdamW"]["opt_state_bytes"] < 2 * params + 64  # 2 moments, counts
     lean = [r for r in doc["records"] if r["train_step"] == "lean_train_step"]
     assert [r["optimizer"] for r in lean] == ["omgd-layer", "lisa", "lisa-wor-noscale"]
@@ -57,7 +61,7 @@ def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_pa
     # different seeds: other parameters, data and masks
     assert len(set(recs["LISA"]["val_loss"])) == seeds
     for key in ("loss", "pareto"):
-        png = out.parent / doc["figures"][key]
+        png = out.parent / meta["figures"][key]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -79,10 +83,11 @@ def record(label, loss):
                                                      "val": [(3, loss)]}}  # fmt: skip
 
 
-def document(labels, loss, partial=False, **setting):
+def document(labels, loss, partial=False, commit="c0", **setting):
     base = dict(preset="small-bytes", steps=3, seeds=2, quick=False, tokens_per_run=24)
-    doc = {"setting": {**base, **setting}, "records": [record(m, loss) for m in labels]}
-    return {**doc, "partial": True} if partial else doc
+    meta = {"commit": commit, "date": "d0", "setting": {**base, **setting}}
+    return {"meta": {**meta, "partial": True} if partial else meta,
+            "records": [record(m, loss) for m in labels]}  # fmt: skip
 
 
 def test_select_methods_takes_labels_or_optimizer_names_and_adds_adamw():
@@ -105,20 +110,27 @@ def test_methods_flag_refuses_unknown_names_before_training(capsys, tmp_path):
 
 def test_merge_replaces_the_methods_run_and_keeps_the_others():
     old = document(LABELS, loss=3.0)
-    new = document(["AdamW", "MoFaSGD"], loss=2.0, wall_s=5.0)
+    new = document(["AdamW", "MoFaSGD"], loss=2.0, commit="c1", wall_s=5.0)
     doc = compare.merge(old, new)
     assert [r["method"] for r in doc["records"]] == LABELS  # METHODS order
     losses = {r["method"]: r["val_loss_mean"] for r in doc["records"]}
     assert losses == {m: (2.0 if m in ("AdamW", "MoFaSGD") else 3.0) for m in LABELS}
-    assert "partial" not in doc and doc["setting"]["wall_s"] == 5.0
+    assert set(doc) == {"meta", "records"}
+    assert "partial" not in doc["meta"] and doc["meta"]["setting"]["wall_s"] == 5.0
+    # the meta is the new run's; the kept records say which run they come from
+    assert doc["meta"]["commit"] == "c1"
+    kept = doc["meta"]["kept_from_earlier_run"]
+    assert kept == {"methods": [m for m in LABELS if m not in ("AdamW", "MoFaSGD")],
+                    "commit": "c0", "date": "d0"}  # fmt: skip
     # the README's case: a partial document missing MoFaSGD becomes complete
     missing = document(LABELS[:-1], loss=3.0, partial=True)
     done = compare.merge(missing, document(["AdamW", "MoFaSGD"], loss=2.0))
-    assert [r["method"] for r in done["records"]] == LABELS and "partial" not in done
+    assert [r["method"] for r in done["records"]] == LABELS and "partial" not in done["meta"]
     # still partial: a method missing, or the new run not finished
-    assert compare.merge(document(LABELS[:5], 3.0), new)["partial"] is True
-    assert compare.merge(old, document(["AdamW"], 2.0, partial=True))["partial"] is True
-    assert compare.merge(None, new)["partial"] is True
+    assert compare.merge(document(LABELS[:5], 3.0), new)["meta"]["partial"] is True
+    assert compare.merge(old, document(["AdamW"], 2.0, partial=True))["meta"]["partial"] is True
+    assert compare.merge(None, new)["meta"]["partial"] is True
+    assert "kept_from_earlier_run" not in compare.merge(None, new)["meta"]
     with pytest.raises(ValueError, match="steps: 3 there, 300 now"):
         compare.merge(old, document(["AdamW"], 2.0, steps=300))
 
@@ -131,23 +143,48 @@ def test_main_merge_keeps_the_file_whole_during_and_after_the_run(tmp_path, monk
     def fake_run(setting, data, grid, methods, progress, on_record):
         assert [m[0] for m in methods] == ["AdamW", "MoFaSGD"]
         on_record([record("AdamW", 2.0)])  # mid-run save: merged, the others still there
-        seen["mid"] = json.loads(out.read_text())
+        seen["mid"] = report.load(out)
         return document(["AdamW", "MoFaSGD"], loss=2.0, steps=setting["steps"],
                         seeds=setting["seeds"], lr_grid=list(grid))  # fmt: skip
 
     monkeypatch.setattr(compare, "run", fake_run)
     args = ["--out", str(out), "--data", "x", "--steps", "3", "--seeds", "2", "--no-progress"]
     compare.main([*args, "--methods", "MoFaSGD", "--merge"])
-    assert [r["method"] for r in seen["mid"]["records"]] == LABELS[:-1] and seen["mid"]["partial"]
-    doc = json.loads(out.read_text())
-    assert [r["method"] for r in doc["records"]] == LABELS and "partial" not in doc
+    mid = seen["mid"]
+    assert [r["method"] for r in mid["records"]] == LABELS[:-1] and mid["meta"]["partial"]
+    doc = report.load(out)
+    assert [r["method"] for r in doc["records"]] == LABELS and "partial" not in doc["meta"]
+    assert doc["meta"]["command"] == "python -m benchmarks.compare " + " ".join(
+        [*args, "--methods", "MoFaSGD", "--merge"]
+    )
     losses = {r["method"]: r["val_loss_mean"] for r in doc["records"]}
     assert losses["MoFaSGD"] == losses["AdamW"] == 2.0 and losses["LISA"] == 3.0
     table = capsys.readouterr().out
     assert all(f"| {m} |" in table for m in LABELS)
     for key in ("loss", "pareto"):
-        assert (out.parent / doc["figures"][key]).read_bytes()[:4] == b"\x89PNG"
+        assert (out.parent / doc["meta"]["figures"][key]).read_bytes()[:4] == b"\x89PNG"
     # without --merge the file holds this run's methods only, marked partial
     compare.main([*args, "--methods", "MoFaSGD"])
-    doc = json.loads(out.read_text())
-    assert [r["method"] for r in doc["records"]] == ["AdamW", "MoFaSGD"] and doc["partial"]
+    doc = report.load(out)
+    assert [r["method"] for r in doc["records"]] == ["AdamW", "MoFaSGD"] and doc["meta"]["partial"]
+
+
+def test_merge_refuses_a_file_of_the_earlier_format(tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    old = document(LABELS, loss=3.0)
+    out.write_text(json.dumps({"setting": old["meta"]["setting"], "records": old["records"]}))
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(out), "--data", "x", "--methods", "MoFaSGD", "--merge"])
+    assert "not a results document" in capsys.readouterr().err
+
+
+def test_merge_into_the_committed_table_keeps_its_provenance_with_its_records():
+    committed = report.load(compare.__file__.replace("compare.py", "results/compare.json"))
+    same = {k: v for k, v in committed["meta"]["setting"].items() if k in compare.MERGE_KEYS}
+    doc = compare.merge(committed, document(["AdamW", "MoFaSGD"], loss=2.0, commit="c1", **same))
+    assert [r["method"] for r in doc["records"]] == LABELS and "partial" not in doc["meta"]
+    assert doc["meta"]["commit"] == "c1" and "converted" not in doc["meta"]
+    kept = doc["meta"]["kept_from_earlier_run"]
+    assert kept["commit"] == committed["meta"]["commit"]
+    assert kept["converted"] == committed["meta"]["converted"]
+    assert "AdamW" not in kept["methods"] and "LISA" in kept["methods"]

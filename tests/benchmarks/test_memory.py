@@ -8,7 +8,7 @@ from benchmarks import memory
 from examples.llama.model import Llama, get_config, loss_fn
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rows():
     """Every method's record for a 4-layer LLaMA (width 128) at 4 x 32 tokens, 1 of 4 active."""
     cfg = get_config("tiny", n_layer=4, n_head=4, dim=128, hidden=344, vocab_size=512, max_len=64)

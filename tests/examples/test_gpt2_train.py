@@ -39,7 +39,7 @@ def _markov_tokens(n, seed, vocab=64):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokens")
     _markov_tokens(30_000, 1).tofile(d / "train.bin")

@@ -1,7 +1,6 @@
 """The tensor-wise OMGD image classifier (examples/image_classification.py) on sklearn digits."""
 
 import gzip
-import json
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from benchmarks import report
 from examples import image_classification as ic
 
 
@@ -35,8 +35,15 @@ def test_wor_mask_trains_disjoint_halves_of_the_tensors():
     grads = jax.tree.map(jnp.ones_like, params)
     # Two warm-up epochs are one whole cycle (phases count from step 0): steps 2 and 3 are
     # the two masks of cycle 1.
-    tx = ic.make_tx("wor", jax.random.key(0), steps_per_epoch=1, epochs=8, warmup_epochs=2,
-                    weight_decay=0.0, momentum=0.0)
+    tx = ic.make_tx(
+        "wor",
+        jax.random.key(0),
+        steps_per_epoch=1,
+        epochs=8,
+        warmup_epochs=2,
+        weight_decay=0.0,
+        momentum=0.0,
+    )
     state = tx.init(params)
     moved = []
     for _ in range(4):
@@ -50,17 +57,37 @@ def test_wor_mask_trains_disjoint_halves_of_the_tensors():
     np.testing.assert_allclose(u["w0"], -0.1 * np.ones(3))  # lr 0.1, scale 1 in the warm-up
     with pytest.raises(ValueError, match="method"):
         ic.make_tx("adam", 0, steps_per_epoch=1, epochs=1, warmup_epochs=0)
-    assert isinstance(ic.make_tx("full", 0, steps_per_epoch=1, epochs=1, warmup_epochs=0),
-                      optax.GradientTransformation)
+    assert isinstance(
+        ic.make_tx("full", 0, steps_per_epoch=1, epochs=1, warmup_epochs=0),
+        optax.GradientTransformation,
+    )
 
 
 def test_digits_all_methods_beat_chance(tmp_path):
     out = tmp_path / "ic.json"
-    ic.main(["--dataset", "digits", "--epochs", "3", "--warmup-epochs", "1", "--seeds", "1",
-             "--batch-size", "32", "--width", "8", "--no-progress", "--out", str(out)])
-    res = json.loads(out.read_text())
-    assert set(res["accuracy"]) == {"full", "iid", "wor"}
-    for m, a in res["accuracy"].items():
-        assert set(a) >= {"mean", "std"}
-        assert a["mean"] > 0.5, (m, a)  # chance is 0.1
-    assert res["settings"]["dataset"] == "digits"
+    ic.main(
+        [
+            "--dataset",
+            "digits",
+            "--epochs",
+            "3",
+            "--warmup-epochs",
+            "1",
+            "--seeds",
+            "1",
+            "--batch-size",
+            "32",
+            "--width",
+            "8",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    res = report.load(out)
+    recs = {r["method"]: r for r in res["records"]}
+    assert set(recs) == {"full", "iid", "wor"}
+    for m, r in recs.items():
+        assert set(r["accuracy"]) >= {"mean", "std"}
+        assert r["accuracy"]["mean"] > 0.5, (m, r)  # chance is 0.1
+    assert res["meta"]["settings"]["dataset"] == "digits"

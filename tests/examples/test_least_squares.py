@@ -1,12 +1,11 @@
 """The least-squares rate experiment (examples/least_squares.py) at a reduced horizon."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import report
 from examples import least_squares as ls
 
 
@@ -46,8 +45,9 @@ def test_random_projection_transform():
     np.testing.assert_allclose(jnp.concatenate([u1["a"], u1["b"].ravel()]), expected, atol=1e-5)
     q = ls.orthonormal_basis(jax.random.normal(jax.random.key(4), (10, 5)))
     u2, _ = tx.update(g, state, basis=q)  # a basis handed in is used as it is
-    np.testing.assert_allclose(jnp.concatenate([u2["a"], u2["b"].ravel()]),
-                               2.0 * q @ (q.T @ flat), atol=1e-5)
+    np.testing.assert_allclose(
+        jnp.concatenate([u2["a"], u2["b"].ravel()]), 2.0 * q @ (q.T @ flat), atol=1e-5
+    )
     with pytest.raises(ValueError, match="basis"):
         tx.update(g, state, basis=q[:, :4])
 
@@ -65,16 +65,20 @@ def test_short_rate_run(tmp_path):
     """T = 2e4, 4 seeds: wor keeps RR's fast rate, the per-step iid mask and projection do not."""
     out, png = tmp_path / "ls.json", tmp_path / "ls.png"
     ls.main(["--steps", "20000", "--seeds", "4", "--out", str(out), "--plot", str(png)])
-    res = json.loads(out.read_text())
-    assert set(res["slopes"]) == {"rr", "wor", "iid", "proj"}
+    doc = report.load(out)
+    recs = {r["method"]: r for r in doc["records"]}
+    assert list(recs) == ["rr", "wor", "iid", "proj"]
+    assert doc["meta"]["settings"]["steps"] == 20000 and doc["meta"]["figure"] == "ls.png"
+    assert all(len(r["curve_epoch_end"]) == len(doc["meta"]["curve_t"]) for r in recs.values())
     assert png.stat().st_size > 0
-    s, e = res["slopes"], res["final_error"]
+    s = {m: r["slope"] for m, r in recs.items()}
+    e = {m: r["final_error"] for m, r in recs.items()}
     assert e["wor"] < e["iid"] / 10 and e["wor"] < e["proj"] / 10
     assert e["rr"] < e["iid"] / 10
     for fast in ("rr", "wor"):
         for slow in ("iid", "proj"):
             assert s[fast] < s[slow] - 0.7, (fast, slow, s)
     assert s["rr"] < -1.5 and s["wor"] < -1.5
-    mid = res["slopes_mid_epoch"]
+    mid = {m: r["slope_mid_epoch"] for m, r in recs.items()}
     assert mid["rr"] < -1.5 and mid["wor"] < -1.5 and mid["iid"] > -1.6
     assert -1.6 < s["iid"] < -0.4

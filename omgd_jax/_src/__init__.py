@@ -1,0 +1,1 @@
+"""omgd_jax's implementation. Private: import the public names from `omgd_jax`."""

@@ -1,0 +1,1 @@
+"""The comparison methods' implementations (their public face: `omgd_jax.baselines`)."""

@@ -1,0 +1,56 @@
+"""The data dependences that order XLA's schedule where its own order would raise the peak.
+
+XLA:CPU drops optimization barriers before it schedules, so an order that memory needs is
+forced by a data dependence XLA cannot simplify away: a value computed from another one that
+equals its input (a NaN test of one element folded into a clamp or a multiply by zero). Each
+trick costs one scalar read; each has a test in ``tests/test_ordering.py`` that fails without it,
+on a model sized so that its effect reaches the compiled peak.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _any_nan(tree) -> jax.Array:
+    """bool scalar: is the first element of any float leaf of ``tree`` NaN (one read a leaf)."""
+    nan = jnp.zeros((), bool)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            nan = nan | jnp.isnan(leaf[(0,) * leaf.ndim])
+    return nan
+
+
+def ids_after(ids: jax.Array, tree) -> jax.Array:
+    """``ids`` (int, non-negative), made to depend on every float leaf of ``tree``.
+
+    Why: in the lean step the gathered copy of the active layers (the optimizer's view of the
+    parameters) is read by nothing before the optimizer, but XLA gathers it as early as it can,
+    so it lived through the whole backward pass, one layer's weights on the peak. Gathering with
+    ``ids_after(ids, grads)`` schedules it after the backward. The clamp bound is ``max(ids)``
+    or more, so the value is ``ids``.
+    """
+    return jnp.minimum(ids, jnp.max(ids) + _any_nan(tree).astype(ids.dtype))
+
+
+def zeros_after(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Zeros of ``shape`` and ``dtype``, made from ``like`` (one element read).
+
+    Why: a constant buffer (``jnp.zeros``) is allocated before the forward pass and lives
+    through it; zeros made from the backward's incoming cotangent are made when the backward
+    starts. The lean backward's ``[gamma, ...]`` gradient buffer is made this way.
+    """
+    zero = jnp.isnan(like[(0,) * like.ndim]).astype(dtype) * 0
+    return jnp.broadcast_to(zero, shape)
+
+
+def materialise(tree, pred: jax.Array):
+    """``tree`` unchanged, computed before anything that consumes it.
+
+    Why: XLA:CPU would otherwise fuse the compact view's update into the full-size write of the
+    update, where its reads of the parameters' window keep buffers alive that the in-place
+    parameter update could reuse. The operands of a conditional are materialised; the identity
+    branches cost one pass over the view.
+    """
+    return jax.lax.cond(pred, lambda t: t, lambda t: jax.tree.map(lambda x: x + 0, t), tree)

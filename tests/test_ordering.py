@@ -1,0 +1,68 @@
+"""Each ordering trick of `omgd_jax._src.ordering` lowers the compiled peak of the step it is in:
+measured with the trick and with it replaced by the plain expression, on models sized so that
+its effect reaches the peak (argument + temp bytes of the donated step)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import omgd_jax
+from benchmarks import report
+from examples.llama.model import Llama, get_config, loss_fn
+from omgd_jax._src import ordering
+
+LAYERS = r"^blocks/"
+
+
+def llama(batch, **kw):
+    cfg = get_config("tiny", n_head=4, vocab_size=512, max_len=64, **kw)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))), nnx.Param)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+    def loss_of(p, x, y):
+        return loss_fn(nnx.merge(graphdef, p), x, y)
+
+    return params, loss_of, jax.ShapeDtypeStruct(batch, jnp.int32)
+
+
+def lean_peak(params, loss_of, tokens, gamma):
+    tx = omgd_jax.omgd_adamw(
+        1e-4, granularity="layer", layers=LAYERS, layers_per_phase=gamma, steps_per_mask=10
+    )
+    step = omgd_jax.lean_train_step(loss_of, tx, layers=LAYERS)
+    state = jax.eval_shape(tx.init, params)
+    return report.peak_bytes(report.compile_step(step, params, state, tokens, tokens))
+
+
+def element_peak(params, loss_of, tokens):
+    tx = omgd_jax.omgd_adamw(1e-4, num_masks=4, steps_per_mask=10)
+    state = jax.eval_shape(tx.init, params)
+    step = omgd_jax.train_step(loss_of, tx)
+    return report.peak_bytes(report.compile_step(step, params, state, tokens, tokens))
+
+
+def test_ids_after_keeps_the_gathered_layer_off_the_backward_peak(monkeypatch):
+    params, loss_of, tokens = llama((4, 32), n_layer=4, dim=128, hidden=344)
+    layer = (4 * 128 * 128 + 3 * 128 * 344 + 2 * 128) * 4
+    with_trick = lean_peak(params, loss_of, tokens, 1)
+    monkeypatch.setattr(ordering, "ids_after", lambda ids, tree: ids)
+    without = lean_peak(params, loss_of, tokens, 1)
+    assert without - with_trick >= 0.9 * layer, (without, with_trick, layer)
+
+
+def test_zeros_after_makes_the_gradient_buffer_when_the_backward_starts(monkeypatch):
+    params, loss_of, tokens = llama((4, 32), n_layer=4, dim=128, hidden=344, remat=False)
+    with_trick = lean_peak(params, loss_of, tokens, 2)
+    monkeypatch.setattr(ordering, "zeros_after", lambda like, shape, dtype: jnp.zeros(shape, dtype))
+    without = lean_peak(params, loss_of, tokens, 2)
+    assert without > with_trick, (without, with_trick)
+
+
+@pytest.mark.parametrize("dim", [256])
+def test_materialise_keeps_the_compact_write_in_place(monkeypatch, dim):
+    params, loss_of, tokens = llama((2, 16), n_layer=8, dim=dim, hidden=688)
+    with_trick = element_peak(params, loss_of, tokens)
+    monkeypatch.setattr(ordering, "materialise", lambda tree, pred: tree)
+    without = element_peak(params, loss_of, tokens)
+    assert without > with_trick, (without, with_trick)
