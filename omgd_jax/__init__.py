@@ -3,9 +3,9 @@
 * `omgd_mask`: the masked gradient, to chain before (or after) any optax optimizer.
 * `omgd`: wraps an optax optimizer so that it runs, and keeps state, only on the active share.
 * `omgd_adamw`: AdamW under `omgd`, with the learning-rate schedule on the global step.
-* `lean_train_step`, `lean_value_and_grad`, `scan_layers`, `active_layers`, `LayerIds`: the lean
-  layer-wise step that differentiates, stores and updates only the active layers; `train_step`
-  is the dense step with the same signature (both take micro-batches).
+* `lean_train_step`, `lean_value_and_grad`, `scan_layers`, `active_layers`, `active_unit`,
+  `LayerIds`: the lean layer-wise step that differentiates, stores and updates only the active
+  layers; `train_step` is the dense step with the same signature (both take micro-batches).
 * `omgd_jax.baselines`: the comparison methods (also exported here):
 * `lisa`, `lisa_wor`, `iid_tensor_mask`, `iid_element_mask`: the layer-wise and i.i.d. baselines.
 * `galore`, `golore`: Adam in a rank-r gradient subspace (SVD / uniformly random projectors).
@@ -38,6 +38,7 @@ from omgd_jax._src.frozen import OmgdFrozenState
 from omgd_jax._src.layer_scan import add_to_layers, gather_layers, scan_layers, scatter_layers
 from omgd_jax._src.lean import (
     active_layers,
+    active_unit,
     apply_layer_updates,
     layer_view,
     lean_train_step,
@@ -62,6 +63,7 @@ __all__ = [
     "SiftState",
     "SkipUpdateState",
     "active_layers",
+    "active_unit",
     "apply_layer_updates",
     "gather_layers",
     "galore",

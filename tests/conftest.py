@@ -1,10 +1,40 @@
 """Shared helpers: small trees and a way to read the masks a transformation applies."""
 
+import os
+import shutil
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 jax.config.update("jax_enable_x64", False)
+
+# One persistent compilation cache per `pytest` run, shared by the xdist workers and the
+# processes the tests start (they inherit the environment): most of the suite's time is XLA
+# compiling the same small training steps again (every resume, restart and subprocess traces
+# them anew). Set before anything compiles; a cache the user chose is used as it is and kept.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="omgd-jax-test-xla-")
+    os.environ["OMGD_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update(
+    "jax_persistent_cache_min_entry_size_bytes",
+    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+)
+
+
+def pytest_unconfigure(config):
+    # Only the process that made the cache (the xdist controller) removes it.
+    if _OWN_CACHE and os.environ.get("OMGD_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def stacked_tree(num_layers=4, width=3):

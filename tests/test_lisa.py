@@ -169,7 +169,16 @@ def test_bad_arguments_raise_clear_errors():
         omgd_jax.iid_tensor_mask(0)
 
 
-LISA_STATIC = ("layers", "layers_per_phase", "steps_per_mask", "key", "mask", "state")
+LISA_STATIC = (
+    "layers",
+    "layers_per_phase",
+    "steps_per_mask",
+    "key",
+    "mask",
+    "state",
+    "units",
+    "frozen",
+)
 
 
 def test_static_args_of_the_aliases():

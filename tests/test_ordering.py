@@ -66,3 +66,13 @@ def test_materialise_keeps_the_compact_write_in_place(monkeypatch, dim):
     monkeypatch.setattr(ordering, "materialise", lambda tree, pred: tree)
     without = element_peak(params, loss_of, tokens)
     assert without > with_trick, (without, with_trick)
+
+
+def test_after_recomputes_the_attention_after_the_mlp_backward(monkeypatch):
+    # attn_remat's recomputation, merged with the forward's without the trick, keeps the
+    # attention's probabilities (4 x 4 x 64 x 64 floats a layer) through the MLP's backward.
+    params, loss_of, tokens = llama((4, 64), n_layer=2, dim=64, hidden=688, attn_remat=True)
+    with_trick = lean_peak(params, loss_of, tokens, 1)
+    monkeypatch.setattr(ordering, "after", lambda tree, like: tree)
+    without = lean_peak(params, loss_of, tokens, 1)
+    assert without - with_trick >= 4 * 4 * 64 * 64 * 4, (without, with_trick)

@@ -21,6 +21,8 @@ Optimizer = Literal[
     "omgd-layer",
     "lisa",
     "lisa-wor-noscale",
+    "omgd-layer-rotate",
+    "omgd-layer-frozen-embedding",
     "omgd-element",
     "omgd-tensor",
     "galore",
@@ -34,7 +36,15 @@ Optimizer = Literal[
 ]
 OPTIMIZERS = typing.get_args(Optimizer)
 # Layer-wise: whole transformer blocks masked (gamma of them trained per phase; the lean step).
-LAYER_OPTIMIZERS = ("omgd-layer", "lisa", "lisa-wor-noscale")
+LAYER_OPTIMIZERS = (
+    "omgd-layer",
+    "lisa",
+    "lisa-wor-noscale",
+    "omgd-layer-rotate",  # the embedding(s) and head join the traversal as units of their own
+    "omgd-layer-frozen-embedding",  # the token embedding never trained
+)
+# Units of the traversal besides the layers, per layer-wise optimizer (M = n_layer / gamma + E).
+EXTRA_UNITS = {"omgd-layer-rotate": 2}
 # The OMGD mask family (omgd_jax.omgd_adamw): --num-masks, --steps-per-mask, --omgd-state, ...
 OMGD_OPTIMIZERS = (*LAYER_OPTIMIZERS, "omgd-element", "omgd-tensor")
 
@@ -232,12 +242,13 @@ def finalize(cfg: Config) -> Config:
     if cfg.optimizer in LAYER_OPTIMIZERS:
         # The library takes gamma (layers_per_phase); M = n_layer / gamma follows from it.
         g = cfg.layers_per_phase
+        extra = EXTRA_UNITS.get(cfg.optimizer, 0)
         if cfg.num_masks is None:
-            cfg.num_masks = model.n_layer // max(g, 1)
-        elif cfg.num_masks * g != model.n_layer:
+            cfg.num_masks = model.n_layer // max(g, 1) + extra
+        elif (cfg.num_masks - extra) * g != model.n_layer:
             raise ConfigError(
-                f"--num-masks {cfg.num_masks} x --layers-per-phase {g} must equal "
-                f"the {model.n_layer} layers of {cfg.preset}"
+                f"--num-masks {cfg.num_masks} (minus {extra} extra units) x --layers-per-phase "
+                f"{g} must equal the {model.n_layer} layers of {cfg.preset}"
             )
     elif cfg.num_masks is None:
         # element: the same 1/4 share as gamma = 3 of 12 layers; tensor: the paper's r = 0.5.

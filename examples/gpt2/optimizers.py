@@ -27,6 +27,11 @@ import omgd_jax
 from examples.gpt2.config import LAYER_OPTIMIZERS, OMGD_OPTIMIZERS, Config
 
 BLOCKS = r"^blocks/"  # the stacked transformer blocks' key paths
+# omgd-layer-rotate's extra units, one each: GPT-2's token embedding (tied to the head) and its
+# positions, or the Llama family's embedding and head; omgd-layer-frozen-embedding's frozen
+# leaves: the token embedding (GPT-2's with its tied head).
+ROTATE_UNITS = r"^(wte|wpe|embed|head)/"
+FROZEN_EMBEDDING = r"^(wte|embed)/"
 BLOCK_MATRICES = r"^blocks/.*/kernel$"  # their weight matrices, [N_L, m, n]: what GaLore projects
 
 
@@ -77,11 +82,22 @@ def omgd_kwargs(cfg: Config) -> dict:
             kw.update(traversal="iid", scale=False)
         elif cfg.optimizer == "lisa-wor-noscale":
             kw.update(scale=False)
+        kw.update(unit_kwargs(cfg))
     else:
         kw.update(granularity=cfg.optimizer.removeprefix("omgd-"), num_masks=cfg.num_masks)
     if cfg.omgd_state == "frozen":
         kw.update(warmup_steps=cfg.warmup_masks)
     return kw
+
+
+def unit_kwargs(cfg: Config) -> dict:
+    """``units=`` / ``frozen=`` of the layer-wise optimizer: given to `omgd_jax.omgd_adamw` and to
+    its lean step alike (the step must be told what the optimizer was)."""
+    if cfg.optimizer == "omgd-layer-rotate":
+        return {"units": ROTATE_UNITS}
+    if cfg.optimizer == "omgd-layer-frozen-embedding":
+        return {"frozen": FROZEN_EMBEDDING}
+    return {}
 
 
 def adamw_kwargs(cfg: Config) -> dict:

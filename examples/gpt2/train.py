@@ -54,6 +54,7 @@ from examples.gpt2.optimizers import (
     stage_at,
     stages,
     tree_bytes,
+    unit_kwargs,
 )
 
 # ----------------------------------------------------------------------------- model
@@ -194,7 +195,8 @@ def make_step(cfg: Config, stage: str, graphdef, tx) -> Callable:
         return loss_fn(nnx.merge(graphdef, params), x, y)
 
     factory = step_function(cfg, stage)
-    kw = {"layers": BLOCKS} if factory is omgd_jax.lean_train_step else {}
+    lean = factory is omgd_jax.lean_train_step
+    kw = {"layers": BLOCKS, **unit_kwargs(cfg)} if lean else {}
     inner = factory(loss_of, tx, microbatches=cfg.grad_accum, **kw)
 
     def step(state: TrainState, x, y):

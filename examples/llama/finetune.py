@@ -46,7 +46,7 @@ import omgd_jax
 from examples.gpt2 import hf as gpt2_hf
 from examples.gpt2 import optimizers
 from examples.gpt2.checkpoint import Checkpointer, SigtermFlag
-from examples.gpt2.config import LAYER_OPTIMIZERS, OPTIMIZERS, Config, ConfigError
+from examples.gpt2.config import EXTRA_UNITS, LAYER_OPTIMIZERS, OPTIMIZERS, Config, ConfigError
 from examples.gpt2.train import (
     Feed,
     Logger,
@@ -233,9 +233,10 @@ def make_loss(graphdef, loss=loss_fn):
     return loss_of
 
 
-def lean_step(graphdef, tx, microbatches: int, loss=loss_fn):
-    """The lean layer-wise step (`omgd_jax.lean_train_step`) on (A, B, T) batches."""
-    kw = {}
+def lean_step(graphdef, tx, microbatches: int, loss=loss_fn, units: dict | None = None):
+    """The lean layer-wise step (`omgd_jax.lean_train_step`) on (A, B, T) batches; ``units``: the
+    optimizer's ``units=`` / ``frozen=`` (`optimizers.unit_kwargs`)."""
+    kw = dict(units or {})
     if microbatches > 1:
         if "microbatches" not in inspect.signature(omgd_jax.lean_train_step).parameters:
             raise ConfigError("--microbatches > 1 needs omgd_jax.lean_train_step(microbatches=)")
@@ -276,7 +277,10 @@ def compile_stage(cfg: FinetuneConfig, graphdef, abstract_params, mesh, loss=los
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     lean = cfg.optimizer in LAYER_OPTIMIZERS and cfg.omgd_state == "compact"
-    body = (lean_step if lean else dense_step)(graphdef, tx, cfg.grad_accum, loss)
+    if lean:
+        body = lean_step(graphdef, tx, cfg.grad_accum, loss, optimizers.unit_kwargs(cfg))
+    else:
+        body = dense_step(graphdef, tx, cfg.grad_accum, loss)
     shardings = jax.tree.map(lambda t: tree_shardings(mesh, t, cfg.fsdp), abstract)
     step = jax.jit(body, donate_argnums=0, out_shardings=(shardings, None))
     init = jax.jit(tx.init, out_shardings=shardings.opt_state)
@@ -317,7 +321,7 @@ def run(cfg: FinetuneConfig) -> dict:
         if n_layer % cfg.layers_per_phase:
             raise ConfigError(f"--layers-per-phase {cfg.layers_per_phase} must divide the "
                               f"model's {n_layer} layers")  # fmt: skip
-        cfg.num_masks = n_layer // cfg.layers_per_phase
+        cfg.num_masks = n_layer // cfg.layers_per_phase + EXTRA_UNITS.get(cfg.optimizer, 0)
     else:
         cfg.num_masks = 2 if cfg.optimizer == "omgd-tensor" else 4
     if cfg.rank is None:

@@ -7,8 +7,9 @@ biases). The presets keep the original LLaMA shape: multi-head attention, no bia
 
 The blocks are stacked on a leading layer axis (`nnx.vmap` to build, `omgd_jax.scan_layers` to
 run), so layer-wise OMGD picks them with ``layers=r"^blocks/"`` and the lean step trains only
-the active ones. ``"llama-7b"`` (6.74B parameters) is used by `benchmarks/memory.py` through
-abstract shapes only (`nnx.eval_shape`): no 7B weights are ever allocated. ``"tiny"`` trains in
+the active ones. ``"llama-7b"`` (6.74B parameters) and ``"llama-3.1-8b"`` (8.03B) are used by
+`benchmarks/memory.py` through abstract shapes only (`nnx.eval_shape`): no 7B weights are ever
+allocated. ``"tiny"`` trains in
 the tests.
 
 Parameter paths (H heads, K key/value heads, h = head_dim; d = H h in the presets):
@@ -31,15 +32,18 @@ and confines attention to tokens of the same segment (one example each).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 import omgd_jax
 from examples.embedding import embed
+from omgd_jax import ordering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,9 @@ class LlamaConfig:
     o_bias: bool = False  # bias on the output projection (Llama's attention_bias)
     sliding_window: int | None = None  # longer sequences are refused (no windowed attention)
     arch: str = "llama"  # Hugging Face model_type: "llama", "mistral" or "qwen2"
+    # Memory of one block's backward pass (same values; see `swiglu` and `Block`):
+    mlp_chunk: int = 0  # >0: the SwiGLU in chunks of this many hidden units (divides hidden)
+    attn_remat: bool = False  # recompute attention in the backward, after the MLP's backward
 
     def __post_init__(self):
         if self.head_dim is None and self.dim % self.n_head:
@@ -87,6 +94,8 @@ class LlamaConfig:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if self.hd % 2:
             raise ValueError(f"head_dim={self.hd} must be even (rotary positions)")
+        if self.mlp_chunk < 0 or (self.mlp_chunk and self.hidden % self.mlp_chunk):
+            raise ValueError(f"mlp_chunk={self.mlp_chunk} must be 0 or divide hidden={self.hidden}")
 
     @property
     def kv_heads(self) -> int:
@@ -101,6 +110,16 @@ class LlamaConfig:
 
 PRESETS = {
     "llama-7b": LlamaConfig(),
+    # Meta-Llama-3.1-8B's config.json: grouped-query attention, llama3 rope scaling, untied.
+    "llama-3.1-8b": LlamaConfig(
+        n_kv_head=8,
+        hidden=14336,
+        vocab_size=128256,
+        max_len=131072,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        rope_scaling=Llama3RopeScaling(),
+    ),
     "tiny": LlamaConfig(n_layer=4, n_head=4, dim=64, hidden=172, vocab_size=256, max_len=64),
 }
 
@@ -256,14 +275,88 @@ def _rotate(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+def _cols(w, c, s):
+    return jax.lax.dynamic_slice_in_dim(w, c * s, s, axis=1)
+
+
+def _rows(w, c, s):
+    return jax.lax.dynamic_slice_in_dim(w, c * s, s, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def swiglu(x, w_gate, w_up, w_down, chunk):
+    """``(silu(x w_gate) * (x w_up)) w_down`` over chunks of ``chunk`` hidden units.
+
+    The hidden units are independent until ``w_down`` sums them, so the forward pass adds the
+    chunks' outputs and the backward pass recomputes one chunk's gate and up activations at a
+    time and writes that chunk's columns (rows of ``w_down``) of the weight gradients: no
+    (tokens, hidden) activation or cotangent ever exists whole, and, unlike chunks of tokens,
+    no weight gradient is accumulated across chunks (each chunk owns its columns). The sums over
+    chunks (output, input cotangent) are taken in float32. ``x`` (..., d); the weights in
+    ``x``'s dtype; ``chunk`` divides the hidden width.
+    """
+    return _swiglu_fwd(x, w_gate, w_up, w_down, chunk)[0]
+
+
+def _swiglu_fwd(x, w_gate, w_up, w_down, s):
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+
+    def body(c, out):
+        h = nnx.silu(x @ _cols(w_gate, c, s)) * (x @ _cols(w_up, c, s))
+        return out + (h @ _rows(w_down, c, s)).astype(acc)
+
+    zero = jnp.zeros(x.shape[:-1] + (w_down.shape[1],), acc)
+    out = jax.lax.fori_loop(0, w_gate.shape[1] // s, body, zero)
+    return out.astype(x.dtype), (x, w_gate, w_up, w_down)
+
+
+def _swiglu_bwd(s, res, dy):
+    x, w_gate, w_up, w_down = res
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+
+    def body(c, carry):
+        dx, dg_w, du_w, dd_w = carry
+        g, u = x @ _cols(w_gate, c, s), x @ _cols(w_up, c, s)
+        sig = jax.nn.sigmoid(g)
+        a = g * sig  # silu(g)
+        dd = jnp.einsum("...s,...d->sd", a * u, dy).astype(dd_w.dtype)
+        dh = dy @ _rows(w_down, c, s).T
+        du, dg = dh * a, dh * u * (sig * (1 + g * (1 - sig)))
+        dg_c = jnp.einsum("...d,...s->ds", x, dg).astype(dg_w.dtype)
+        du_c = jnp.einsum("...d,...s->ds", x, du).astype(du_w.dtype)
+        dx = dx + (dg @ _cols(w_gate, c, s).T + du @ _cols(w_up, c, s).T).astype(acc)
+        return (
+            dx,
+            jax.lax.dynamic_update_slice_in_dim(dg_w, dg_c, c * s, 1),
+            jax.lax.dynamic_update_slice_in_dim(du_w, du_c, c * s, 1),
+            jax.lax.dynamic_update_slice_in_dim(dd_w, dd, c * s, 0),
+        )
+
+    # Made from dy, so the buffers exist from when this backward starts (ordering.zeros_after).
+    init = tuple(
+        ordering.zeros_after(dy, a.shape, d)
+        for a, d in ((x, acc), (w_gate, w_gate.dtype), (w_up, w_up.dtype), (w_down, w_down.dtype))
+    )
+    dx, dg_w, du_w, dd_w = jax.lax.fori_loop(0, w_gate.shape[1] // s, body, init)
+    return dx.astype(x.dtype), dg_w, du_w, dd_w
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.w_gate = _linear(cfg.dim, cfg.hidden, cfg, rngs)
         self.w_up = _linear(cfg.dim, cfg.hidden, cfg, rngs)
         self.w_down = _linear(cfg.hidden, cfg.dim, cfg, rngs)
+        self.chunk = cfg.mlp_chunk
+        self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x):
-        return self.w_down(nnx.silu(self.w_gate(x)) * self.w_up(x))
+        if not self.chunk:
+            return self.w_down(nnx.silu(self.w_gate(x)) * self.w_up(x))
+        w = (m.kernel[...].astype(self.dtype) for m in (self.w_gate, self.w_up, self.w_down))
+        return swiglu(x.astype(self.dtype), *w, self.chunk)
 
 
 class Block(nnx.Module):
@@ -272,10 +365,53 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = _norm(cfg.dim, cfg, rngs)
         self.mlp = SwiGLU(cfg, rngs)
+        self.attn_remat = cfg.attn_remat
 
     def __call__(self, x, rope=None, mask=None):
-        x = x + self.attn(self.attn_norm(x), rope, mask)
+        if self.attn_remat:
+            x = x + _recompute_after_cotangent(self.attn_norm, self.attn, x, rope, mask)
+        else:
+            x = x + self.attn(self.attn_norm(x), rope, mask)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def _recompute_after_cotangent(norm, attn, x, rope, mask):
+    """``attn(norm(x), rope, mask)`` keeping only ``x`` for the backward pass, which recomputes
+    the attention from ``x`` made to depend on the incoming cotangent (`ordering.after`).
+
+    Why: with per-layer remat the backward of a block recomputes the block's forward and keeps
+    the attention's residuals (queries, keys, values, the (B, H, T, T) probabilities) through
+    the MLP's backward. ``jax.checkpoint`` around the attention does not help on one device:
+    XLA merges its recomputation with the forward's identical one (XLA:CPU drops optimization
+    barriers). Recomputed from ``ordering.after(x, cotangent)``, it runs after the MLP's
+    backward, whose output that cotangent is. Costs one more attention forward per block.
+    """
+    graphdef, state = nnx.split((norm, attn))
+
+    def fn(state, x, tables):  # the rotary tables and the mask are arguments, not closures:
+        n, a = nnx.merge(graphdef, state)  # a custom_vjp must not close over traced arrays
+        return a(n(x), *tables)
+
+    @jax.custom_vjp
+    def run(state, x, tables):
+        return fn(state, x, tables)
+
+    def run_fwd(state, x, tables):
+        return fn(state, x, tables), (state, x, tables)
+
+    def run_bwd(res, ct):
+        state, x, tables = res
+        d_state, dx = jax.vjp(lambda s, h: fn(s, h, tables), state, ordering.after(x, ct))[1](ct)
+        return d_state, dx, jax.tree.map(_no_cotangent, tables)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(state, x, (rope, mask))
+
+
+def _no_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 class Llama(nnx.Module):

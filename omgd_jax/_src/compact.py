@@ -23,6 +23,12 @@ so per-leaf callables of the inner optimizer (weight-decay masks, path filters) 
 * layer granularity: stacked leaves contribute their gamma active layers, shape
   (gamma, *rest); unrolled layers put slot s at the leaves of layer s (all layers must share one
   structure). The always-active leaves form a second, *dense* view.
+* extra units (``units=``, layer granularity): the leaves of all E extra units form a third
+  view, at full size (this first version keeps every extra unit's inner state in full; keeping
+  only the active unit's is later work). Its state restarts, as the layer view's does, whenever
+  the phase changes, and only the phase's unit sees a gradient and gets an update, so a unit's
+  moments start from zero each time it comes back, exactly as a layer's. ``frozen=`` leaves are
+  in no view: no inner state, and an update of zeros.
 
 Reading gathers a view from a full tree; writing scatters a view back into a full-size tree of
 zeros (an update, so inactive coordinates do not move).
@@ -42,7 +48,7 @@ from omgd_jax._src import layers as layers_lib
 from omgd_jax._src import ordering
 from omgd_jax._src.placeholder import NotParams, is_params_placeholder
 from omgd_jax._src.schedule import MaskSchedule, check_key
-from omgd_jax._src.transforms import init_mask_state
+from omgd_jax._src.transforms import check_units_record, init_mask_state, next_unit
 
 MASKED = optax.MaskedNode()
 
@@ -72,6 +78,10 @@ class OmgdCompactState(NamedTuple):
     # trains (`omgd_jax.active_layers` reads it to build a lean step); EmptyState otherwise.
     omgd_shard_grid: Any  # element granularity: per leaf, uint8 zeros of shape ``(*grid, 1)``:
     # the shards along every axis its bands are cut inside (one byte a shard); else ().
+    omgd_unit_state: Any = optax.EmptyState()  # with units=: inner state of the extra units'
+    # leaves, full size (restarted at every phase change); EmptyState() without extra units.
+    omgd_unit: Any = optax.EmptyState()  # with units=: int32, the extra unit the next update
+    # trains, -1 in a layers phase (a lean step reads it beside omgd_layer_ids); else EmptyState().
 
 
 def window_shape(
@@ -506,6 +516,7 @@ def view_shapes(
 
     view = [MASKED] * len(leaves)
     dense = [MASKED] * len(leaves)
+    gamma = plan.num_layers // max(num_masks - plan.num_extra, 1)  # layers of a layers phase
     for i, (x, role) in enumerate(zip(leaves, plan.roles, strict=True)):
         if role == layers_lib.UNIT and strided:
             view[i] = struct(strided_window_shape(x.shape, num_masks), x)
@@ -513,15 +524,31 @@ def view_shapes(
             grid = None if grids is None else grids[i]
             view[i] = struct(window_shape(x.shape, num_masks, grid), x)
         elif role == layers_lib.STACKED:
-            view[i] = struct((plan.num_layers // num_masks,) + x.shape[1:], x)
+            view[i] = struct((gamma,) + x.shape[1:], x)
         elif role == layers_lib.ALWAYS:
             dense[i] = x
     if layers_lib.UNROLLED in plan.roles:
         positions = unrolled_positions(plan, leaves)
-        for s in range(plan.num_layers // num_masks):
+        for s in range(gamma):
             for i in positions[s]:
                 view[i] = struct(leaves[i].shape, leaves[i])
     return view, dense
+
+
+def _leaf_zeros(v):
+    """A view entry as an array: arrays as they are, shapes as (sharded) zeros."""
+    if v is MASKED or isinstance(v, jax.Array):
+        return v
+    return sharded_zeros(v, leaf_sharding(v))
+
+
+def _role_view(xs, roles, role: str) -> list:
+    """The leaves of ``xs`` with role ``role``, MaskedNode elsewhere."""
+    return [x if r == role else MASKED for x, r in zip(xs, roles, strict=True)]
+
+
+def _same_shapes(a, b) -> bool:
+    return jax.tree.map(jnp.shape, a) == jax.tree.map(jnp.shape, b)
 
 
 def omgd_compact(
@@ -531,7 +558,8 @@ def omgd_compact(
 
     Args:
       inner: the optimizer to run on the view of the active share (and, for layer
-        granularity, on the always-active leaves, with a state of its own).
+        granularity, on the always-active leaves, with a state of its own, and on the extra
+        units' leaves, with a third one).
       schedule: the masks; checked with `check_compact`.
       key: PRNG key or int seed of the masks.
 
@@ -548,7 +576,8 @@ def omgd_compact(
     def init_fn(params):
         mask_fields = init_mask_state(key)
         if is_params_placeholder(params):
-            return OmgdCompactState(*mask_fields, jnp.int32(-1), *(NotParams(),) * 4)
+            units = (NotParams(),) * 2 if schedule.units is not None else ()
+            return OmgdCompactState(*mask_fields, jnp.int32(-1), *(NotParams(),) * 4, *units)
         leaves = jax.tree.leaves(params)
         trees = ViewTrees(params)
         plan = schedule.plan(params)
@@ -566,16 +595,25 @@ def omgd_compact(
             for v, x, r in zip(view, leaves, plan.roles, strict=True)
         ]
         active = inner.init(trees.unflatten(zeros))
-        dense_state = optax.EmptyState()
+        dense_state = unit_state = optax.EmptyState()
         if layer:
-            dense = [
-                v if v is MASKED or isinstance(v, jax.Array) else sharded_zeros(v, leaf_sharding(v))
-                for v in dense
-            ]
-            dense_state = inner.init(trees.unflatten(dense))
-        ids = next_layer_ids(plan, mask_fields.omgd_key, mask_fields.omgd_step)
+            dense_state = inner.init(trees.unflatten([_leaf_zeros(v) for v in dense]))
+        if plan.num_extra:
+            extra = _role_view(leaves, plan.roles, layers_lib.EXTRA)
+            unit_state = inner.init(trees.unflatten([_leaf_zeros(v) for v in extra]))
+        mask_key, step = mask_fields.omgd_key, mask_fields.omgd_step
+        ids = next_layer_ids(plan, mask_key, step)
         record = () if layer else grid_record(grids)
-        return OmgdCompactState(*mask_fields, jnp.int32(-1), active, dense_state, ids, record)
+        return OmgdCompactState(
+            *mask_fields,
+            jnp.int32(-1),
+            active,
+            dense_state,
+            ids,
+            record,
+            unit_state,
+            next_unit(schedule, plan, mask_key, step),
+        )
 
     def next_layer_ids(plan, key, step):
         """The layers the update at ``step`` trains: int32[gamma] (layer granularity)."""
@@ -614,15 +652,29 @@ def omgd_compact(
                 )
             depth = layer_ids.num_layers
             plan = dataclasses.replace(plan, num_layers=depth, num_units=depth)
+        check_units_record(plan, state.omgd_unit, schedule.units)
         active = schedule.active(plan, state.omgd_key, state.omgd_step, mask_index)
         num_masks = active.num_masks
         where = active.layer_ids if layer else active.label
         unflat = trees.unflatten
 
-        shapes, _ = view_shapes(plan, num_masks, leaves, grids, strided)
+        shapes, dense_shapes = view_shapes(plan, num_masks, leaves, grids, strided)
         expected = jax.eval_shape(inner.init, unflat(shapes))  # trace-time check only
-        if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.omgd_active_state):
+        if not _same_shapes(expected, state.omgd_active_state):
             raise ValueError("omgd: the update tree does not match the tree given to init")
+        if plan.num_extra or layers_lib.FROZEN in plan.roles:  # frozen=/units= move leaves
+            parts = [(dense_shapes, state.omgd_dense_state)]
+            if plan.num_extra:  # frozen= alone: no unit state (EmptyState)
+                parts.append(
+                    (_role_view(leaves, plan.roles, layers_lib.EXTRA), state.omgd_unit_state)
+                )
+            for part, stored in parts:
+                if not _same_shapes(jax.eval_shape(inner.init, unflat(part)), stored):
+                    raise ValueError(
+                        "omgd: the update tree does not match the tree given to init (the "
+                        "leaves of units= and frozen= differ from those the state was "
+                        "initialised with)"
+                    )
 
         def take(xs):
             if lean:  # the stacked leaves are the views already
@@ -633,12 +685,22 @@ def omgd_compact(
             return read_view(schedule, plan, num_masks, xs, where, grids)
 
         g_view = [v if v is MASKED else v * active.factor for v in take(leaves)]
+        layers_on = None
+        if plan.num_extra:  # a unit phase trains no layer: zero gradient, update dropped
+            layers_on = active.unit < 0
+            g_view = [
+                v if isinstance(v, optax.MaskedNode) else jnp.where(layers_on, v, 0) for v in g_view
+            ]
         p_view = None if p_leaves is None else take(p_leaves)
         fresh = inner.init(unflat(p_view) if p_view is not None else _zeros(unflat(g_view)))
         reset = active.phase.phase_id != state.omgd_phase  # the mask changed: restart the state
         old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
         u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
         u_view = trees.flatten(u_view)
+        if layers_on is not None:
+            u_view = [
+                u if isinstance(u, optax.MaskedNode) else jnp.where(layers_on, u, 0) for u in u_view
+            ]
         if not lean:  # the lean step writes the views with dynamic-update-slices instead
             u_view = ordering.materialise(u_view, reset)
         if lean:
@@ -665,8 +727,17 @@ def omgd_compact(
                 u_dense[i] if r == layers_lib.ALWAYS else x
                 for i, (x, r) in enumerate(zip(out, plan.roles, strict=True))
             ]
+        new_units = state.omgd_unit_state
+        if plan.num_extra:
+            u_units, new_units = unit_update(
+                plan, leaves, p_leaves, state, active, reset, trees, **extra_args
+            )
+            out = [
+                u if r == layers_lib.EXTRA else x
+                for x, u, r in zip(out, u_units, plan.roles, strict=True)
+            ]
         out = [
-            g if r == layers_lib.SKIP else x
+            g if r == layers_lib.SKIP else jnp.zeros_like(g) if r == layers_lib.FROZEN else x
             for x, g, r in zip(out, leaves, plan.roles, strict=True)
         ]
         step = optax.safe_increment(state.omgd_step)
@@ -678,7 +749,31 @@ def omgd_compact(
             omgd_dense_state=new_dense,
             omgd_layer_ids=next_layer_ids(plan, state.omgd_key, step),
             omgd_shard_grid=state.omgd_shard_grid,
+            omgd_unit_state=new_units,
+            omgd_unit=next_unit(schedule, plan, state.omgd_key, step),
         )
         return jax.tree.unflatten(treedef, out), new_state
+
+    def unit_update(plan, leaves, p_leaves, state, active, reset, trees, **extra_args):
+        """The extra units' step: only the phase's unit sees its (scaled) gradient and gets an
+        update; the state restarts whenever the phase changes, as the layer view's does."""
+        roles, unflat = plan.roles, trees.unflatten
+        on = [
+            active.unit == plan.unit_of[i] if r == layers_lib.EXTRA else None
+            for i, r in enumerate(roles)
+        ]
+        g = [
+            MASKED if a is None else jnp.where(a, x * active.factor, jnp.zeros((), x.dtype))
+            for x, a in zip(leaves, on, strict=True)
+        ]
+        p = None if p_leaves is None else _role_view(p_leaves, roles, layers_lib.EXTRA)
+        fresh = inner.init(unflat(p) if p is not None else _zeros(unflat(g)))
+        old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_unit_state)
+        u, new = inner.update(unflat(g), old, None if p is None else unflat(p), **extra_args)
+        u = [
+            None if a is None else jnp.where(a, x, jnp.zeros((), x.dtype))
+            for x, a in zip(trees.flatten(u), on, strict=True)
+        ]
+        return u, new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

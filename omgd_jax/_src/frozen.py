@@ -10,6 +10,11 @@ The per-leaf states are stored transposed, with the structure of ``inner.init(pa
 params-shaped tree where optax has one, a params-shaped tree of counters where it has a scalar),
 so that `optax.tree.map_params` and `optax.tree.get` see a familiar state.
 
+Layer granularity with ``units=``: every leaf of an extra unit is a unit of its own state (as
+an always-active leaf is), active in the one phase of the cycle that trains its unit and frozen
+in the others. ``frozen=`` leaves have no inner state at all (like non-floating leaves) and an
+update of zeros.
+
 `omgd_frozen` is the transformation and `OmgdFrozenState` its state; the functions below it run
 the inner optimizer unit by unit.
 """
@@ -24,9 +29,9 @@ import jax.numpy as jnp
 import optax
 
 from omgd_jax._src import layers as layers_lib
-from omgd_jax._src.placeholder import is_params_placeholder
+from omgd_jax._src.placeholder import NotParams, is_params_placeholder
 from omgd_jax._src.schedule import MaskSchedule, check_key
-from omgd_jax._src.transforms import init_mask_state
+from omgd_jax._src.transforms import check_units_record, init_mask_state, next_unit
 
 
 class OmgdFrozenState(NamedTuple):
@@ -35,6 +40,8 @@ class OmgdFrozenState(NamedTuple):
     omgd_key: jax.Array  # typed PRNG key of the masks, as in `OmgdMaskState`.
     omgd_step: jax.Array  # int32, optimizer steps taken.
     omgd_inner_state: Any  # inner state per leaf (per layer for stacked leaves), transposed.
+    omgd_unit: Any = optax.EmptyState()  # with units=: int32, the extra unit the next update
+    # trains (-1: a layers phase); EmptyState() without extra units.
 
 
 def omgd_frozen(
@@ -66,15 +73,18 @@ def omgd_frozen(
     def init_fn(params):
         mask_fields = init_mask_state(key)
         if is_params_placeholder(params):
-            return OmgdFrozenState(*mask_fields, inner.init(params))
+            unit = NotParams() if schedule.units is not None else optax.EmptyState()
+            return OmgdFrozenState(*mask_fields, inner.init(params), unit)
         leaves, treedef = jax.tree.flatten(params)
         plan = schedule.plan(params)
         inner_state = init_units(inners_for_leaves(params), plan, leaves, treedef)
-        return OmgdFrozenState(*mask_fields, inner_state)
+        unit = next_unit(schedule, plan, mask_fields.omgd_key, mask_fields.omgd_step)
+        return OmgdFrozenState(*mask_fields, inner_state, unit)
 
     def update_fn(updates, state, params=None, *, mask_index=None, **extra_args):
         leaves, treedef = jax.tree.flatten(updates)
         plan = schedule.plan(updates)
+        check_units_record(plan, state.omgd_unit, schedule.units)
         factors = schedule.factors(plan, leaves, state.omgd_key, state.omgd_step, mask_index)
         p_leaves = None if params is None else treedef.flatten_up_to(params)
         inners = [
@@ -86,10 +96,12 @@ def omgd_frozen(
             raise ValueError("omgd: the update tree does not match the tree given to init")
         states = split_units(inner, plan, leaves, treedef, state.omgd_inner_state)
         out, new = update_units(inners, plan, leaves, states, p_leaves, factors, extra_args)
+        step = optax.safe_increment(state.omgd_step)
         new_state = OmgdFrozenState(
             omgd_key=state.omgd_key,
-            omgd_step=optax.safe_increment(state.omgd_step),
+            omgd_step=step,
             omgd_inner_state=merge_units(plan, treedef, new),
+            omgd_unit=next_unit(schedule, plan, state.omgd_key, step),
         )
         return jax.tree.unflatten(treedef, out), new_state
 
@@ -100,9 +112,14 @@ def _stacked(plan: layers_lib.Plan, i: int) -> bool:
     return plan.roles[i] == layers_lib.STACKED
 
 
+def _stateless(role: str) -> bool:
+    """Leaves without inner state: non-floating ones and ``frozen=`` ones."""
+    return role in (layers_lib.SKIP, layers_lib.FROZEN)
+
+
 def outer_structure(plan: layers_lib.Plan, treedef) -> jax.tree_util.PyTreeDef:
-    """The params treedef with non-floating leaves removed (MaskedNode)."""
-    leaves = [optax.MaskedNode() if r == layers_lib.SKIP else 0 for r in plan.roles]
+    """The params treedef with non-floating and frozen leaves removed (MaskedNode)."""
+    leaves = [optax.MaskedNode() if _stateless(r) else 0 for r in plan.roles]
     return jax.tree.structure(jax.tree.unflatten(treedef, leaves))
 
 
@@ -110,7 +127,7 @@ def init_units(inners, plan: layers_lib.Plan, leaves, treedef):
     """Runs ``inners[i].init`` on every floating leaf (vmapped over stacked layers), transposed."""
     states = []
     for i, (inner, leaf) in enumerate(zip(inners, leaves, strict=True)):
-        if plan.roles[i] == layers_lib.SKIP:
+        if _stateless(plan.roles[i]):
             continue
         init = jax.vmap(inner.init) if _stacked(plan, i) else inner.init
         states.append(init(layers_lib.concrete(leaf)))
@@ -130,14 +147,14 @@ def init_units(inners, plan: layers_lib.Plan, leaves, treedef):
 
 def split_units(inner, plan, leaves, treedef, state) -> list:
     """Inverse of `init_units`' transposition: the per-leaf inner states (None for SKIP)."""
-    first = next(i for i, r in enumerate(plan.roles) if r != layers_lib.SKIP)
+    first = next(i for i, r in enumerate(plan.roles) if not _stateless(r))
     template = jax.eval_shape(
         jax.vmap(inner.init) if _stacked(plan, first) else inner.init,
         jax.ShapeDtypeStruct(leaves[first].shape, leaves[first].dtype),
     )
     outer = outer_structure(plan, treedef)
     if jax.tree.structure(template).num_leaves == 0:
-        return [None if r == layers_lib.SKIP else state for r in plan.roles]
+        return [None if _stateless(r) else state for r in plan.roles]
     try:
         per_leaf = outer.flatten_up_to(
             jax.tree.transpose(jax.tree.structure(template), outer, state)
@@ -148,7 +165,7 @@ def split_units(inner, plan, leaves, treedef, state) -> list:
             f"({outer.num_leaves} floating leaves expected): {err}"
         ) from None
     it = iter(per_leaf)
-    return [None if r == layers_lib.SKIP else next(it) for r in plan.roles]
+    return [None if _stateless(r) else next(it) for r in plan.roles]
 
 
 def _keep(active: jax.Array, new: jax.Array, old: jax.Array, stacked: bool) -> jax.Array:
@@ -166,8 +183,8 @@ def update_units(inners, plan, grads, states, params, factors, extra_args):
     """One step of every unit's inner optimizer; inactive units keep their state, update 0."""
     updates, new_states = [], []
     for i, g in enumerate(grads):
-        if plan.roles[i] == layers_lib.SKIP:
-            updates.append(g)
+        if _stateless(plan.roles[i]):
+            updates.append(jnp.zeros_like(g) if plan.roles[i] == layers_lib.FROZEN else g)
             new_states.append(None)
             continue
         factor, stacked = factors[i], _stacked(plan, i)

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jex_core
 
 from omgd_jax._src import ordering
@@ -263,14 +264,19 @@ def _lean(layer_fn, remat, stack, view, ids, x):
 
 
 def _lean_fwd(layer_fn, remat, stack, view, ids, x):
-    del view
+    # symbolic_zeros=True: every leaf comes as a CustomVJPPrimal(value, perturbed). Whether the
+    # view and the input are differentiated (perturbed) is static: it decides, at trace time,
+    # which cotangents the backward computes (see `_backward`). Kept in the residuals' tree
+    # structure (None or ()), which carries no array.
+    flags = (() if _perturbed(view) else None, () if _perturbed(x) else None)
+    stack, ids, x = (jax.tree.map(lambda a: a.value, t) for t in (stack, ids, x))
     if remat:
 
         def body(h, p):
             return layer_fn(p, h), h
 
         y, inputs = jax.lax.scan(body, x, stack)
-        return y, (stack, ids, inputs)
+        return y, (stack, ids, inputs, flags)
 
     # Residuals that depend on neither the layer's weights nor its input (a causal mask built
     # inside the layer) are the same for every layer: kept once, not once per layer.
@@ -283,7 +289,11 @@ def _lean_fwd(layer_fn, remat, stack, view, ids, x):
         return y, [None if c is not None else r for r, c in zip(res, shared, strict=True)]
 
     y, saved = jax.lax.scan(body_res, x, stack)
-    return y, (stack, ids, (saved, shared))
+    return y, (stack, ids, (saved, shared), flags)
+
+
+def _perturbed(tree) -> bool:
+    return any(leaf.perturbed for leaf in jax.tree.leaves(tree))
 
 
 def _residuals(vjp, p):
@@ -338,17 +348,36 @@ def _depends(jaxpr, inputs_depend) -> list[bool]:
     return [depends(v) for v in jaxpr.outvars]
 
 
-def _backward(stack, ids, dy, vjps):
+def _backward(stack, ids, dy, vjps, flags=((), ())):
     """The backward loop over the layers (last to first) of both modes.
 
     ``vjps(index, p)`` gives ``(full, input_only)`` for layer ``index``: ``full(dh) -> (dp,
     dx)``, ``input_only(dh) -> dx``. An active layer's ``dp`` goes into its slot of the
     ``[gamma, ...]`` gradient; an inactive one takes ``input_only`` (no x^T dy matmuls).
+
+    ``flags`` (static): whether the view (the weights) and the input ``x`` of the stack are
+    differentiated. Without an input cotangent to give, a layer below the lowest active one
+    (index < min(ids), traced) does no work at all: its branch hands the incoming cotangent on
+    untouched (no recompute, no vjp). Without a weight cotangent (a phase that trains an extra
+    unit upstream of the stack, the embedding) every layer gives its input cotangent alone;
+    with neither (the head's phase) there is no backward loop.
     """
+    need_view, need_x = (f is not None for f in flags)
+    if isinstance(dy, SymbolicZero) or not (need_view or need_x):
+        return None, None, None, None
     n = jax.tree.leaves(stack)[0].shape[0]
+    if not need_view:  # every layer: its input cotangent alone
+
+        def input_only(dh, index):
+            return vjps(index, _layer(stack, index))[1](dh), None
+
+        dx, _ = jax.lax.scan(input_only, dy, jnp.arange(n), reverse=True)
+        return None, None, None, dx
+
     gbuf = jax.tree.map(
         lambda a: ordering.zeros_after(dy, (ids.shape[0],) + a.shape[1:], a.dtype), stack
     )
+    lowest = jnp.min(ids)
 
     def body(carry, index):
         dh, gbuf = carry
@@ -368,10 +397,17 @@ def _backward(stack, ids, dy, vjps):
         def inactive(dh, gbuf):
             return vjps(index, _layer(stack, index))[1](dh), gbuf
 
-        return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
+        if need_x:
+            return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
+
+        def below(dh, gbuf):  # below the lowest active layer: nothing needs dh any more
+            return dh, gbuf
+
+        branch = jnp.where(slot >= 0, 2, jnp.where(index > lowest, 1, 0)).astype(jnp.int32)
+        return jax.lax.switch(branch, (below, inactive, active), dh, gbuf), None
 
     (dx, gbuf), _ = jax.lax.scan(body, (dy, gbuf), jnp.arange(n), reverse=True)
-    return None, gbuf, None, dx
+    return None, gbuf, None, dx if need_x else None
 
 
 def _lean_bwd(layer_fn, remat, res, dy):
@@ -383,7 +419,7 @@ def _lean_bwd(layer_fn, remat, res, dy):
     twice. Residual mode: each layer's vjp is rebuilt from its saved residuals, and the
     weight cotangent is dead code in the inactive branch, which XLA removes.
     """
-    stack, ids, saved = res
+    stack, ids, saved, flags = res
     if remat:
 
         def vjps(index, p):
@@ -402,7 +438,7 @@ def _lean_bwd(layer_fn, remat, res, dy):
             vjp = _rebuild(layer_fn, p, rows, dy)
             return vjp, lambda dh: vjp(dh)[1]
 
-    return _backward(stack, ids, dy, vjps)
+    return _backward(stack, ids, dy, vjps, flags)
 
 
 def _row(r, index):
@@ -422,4 +458,4 @@ def _rebuild(layer_fn, p, residuals, h_like):
     )
 
 
-_lean.defvjp(_lean_fwd, _lean_bwd)
+_lean.defvjp(_lean_fwd, _lean_bwd, symbolic_zeros=True)

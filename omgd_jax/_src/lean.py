@@ -87,9 +87,37 @@ def active_layers(opt_state) -> jax.Array:
     return found[0]
 
 
-def _plan(params, layers: layers_lib.LayerSpec) -> layers_lib.Plan:
+def active_unit(opt_state) -> jax.Array:
+    """The extra traversal unit (int32 scalar) the next ``update`` trains: ``e`` in 0..E-1 (the
+    ``units=`` unit of that index, in `Plan.extra_names` order), or -1 in a layers phase.
+
+    ``opt_state`` holds a layer-wise compact OMGD state built with ``units=``; found by its
+    type, as :func:`active_layers` finds the layer ids. While it is ``>= 0`` the layer ids are
+    valid but not trained.
+    """
+    found = [
+        s.omgd_unit
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OmgdCompactState))
+        if isinstance(s, OmgdCompactState)
+        and isinstance(s.omgd_unit, jax.Array | jax.ShapeDtypeStruct)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            "active_unit: opt_state must hold exactly one layer-wise compact OMGD state built "
+            "with units= (the lean step was given units=, so the optimizer must be too, with "
+            f"the same spec); found {len(found)}"
+        )
+    return found[0]
+
+
+def _plan(
+    params,
+    layers: layers_lib.LayerSpec,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
+) -> layers_lib.Plan:
     """The layer plan of ``params``, refusing unrolled layers (the lean step needs a stack)."""
-    plan = layers_lib.plan_layers(params, layers)
+    plan = layers_lib.plan_layers(params, layers, units, frozen)
     if layers_lib.UNROLLED in plan.roles:
         raise ValueError(
             "the lean layer-wise step needs stacked layers (a leading layer axis, as nnx.scan / "
@@ -112,57 +140,119 @@ def _view(plan, params, ids):
     return jax.tree.unflatten(treedef, out)
 
 
-def layer_view(params, ids: jax.Array, *, layers: layers_lib.LayerSpec):
+def layer_view(
+    params,
+    ids: jax.Array,
+    *,
+    layers: layers_lib.LayerSpec,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
+):
     """``params`` with every stacked leaf replaced by its ``[gamma, ...]`` active layers.
 
     The optimizer runs on it (``tx.update(grads, state, view, layer_ids=LayerIds(ids, N_L))``)
-    and `apply_layer_updates` writes it back.
+    and `apply_layer_updates` writes it back. ``units`` / ``frozen``: the optimizer's specs
+    (checked the same way; the extra units' and frozen leaves are in the view in full).
     """
-    return _view(_plan(params, layers), params, ids)
+    return _view(_plan(params, layers, units, frozen), params, ids)
 
 
-def _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs):
+def _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
+    """(value, grads) of ``fun``: the always-active leaves, the stack's views (a layers phase)
+    and the leaves of extra unit ``unit`` (its phase) differentiated; frozen leaves never.
+
+    Without extra units (``plan.num_extra == 0``) one differentiation; with them, one per kind
+    of phase (layers, unit 0, ..., unit E-1), run by a ``lax.switch`` on ``unit + 1``: each
+    branch differentiates only what its phase trains, so an inactive unit gets no gradient
+    work, and the other leaves' gradients are zeros.
+    """
     leaves, treedef = jax.tree.flatten(params)
     roles = plan.roles
     ids = jnp.asarray(ids, jnp.int32)
-    train = [i for i, r in enumerate(roles) if r in (layers_lib.ALWAYS, layers_lib.STACKED)]
-    stack = [i for i in train if roles[i] == layers_lib.STACKED]
+    stack = [i for i, r in enumerate(roles) if r == layers_lib.STACKED]
     paths = tuple(
         layers_lib.path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
     )
 
-    def loss(trainable, token):
-        full = list(leaves)
-        for i, x in zip(train, trainable, strict=True):
-            if roles[i] == layers_lib.ALWAYS:
-                full[i] = x
-        guarded = _guard(tuple(paths[i] for i in stack), token, tuple(leaves[i] for i in stack))
-        for i, x in zip(stack, guarded, strict=True):
-            full[i] = x
-        view = [trainable[train.index(i)] for i in stack]
-        with train_only(Registry(guarded, view, ids, [paths[i] for i in stack])) as registry:
-            out = fun(jax.tree.unflatten(treedef, full), *args, **kwargs)
-        registry.check_all_found()
-        return out
+    def view_zeros(i):
+        return jnp.zeros((ids.shape[0],) + leaves[i].shape[1:], leaves[i].dtype)
 
-    # The views are only differentiation points: scan_layers reads the weights from the
-    # stack, so these zeros are never read and XLA does not allocate them.
-    point = [
-        jnp.zeros((ids.shape[0],) + leaves[i].shape[1:], leaves[i].dtype)
-        if roles[i] == layers_lib.STACKED
-        else leaves[i]
-        for i in train
-    ]
-    value, (g, _) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=has_aux)(
-        point, jnp.zeros((), jnp.float32)
-    )
-    out = [jnp.zeros_like(x) for x in leaves]  # non-float leaves: nothing to train
-    for i, x in zip(train, g, strict=True):
-        out[i] = x
+    def grads_of(kind):
+        """``kind`` None: a layers phase; ``e``: the phase of extra unit e."""
+        train = [
+            i
+            for i, r in enumerate(roles)
+            if r == layers_lib.ALWAYS
+            or (r == layers_lib.STACKED and kind is None)
+            or (r == layers_lib.EXTRA and kind is not None and plan.unit_of[i] == kind)
+        ]
+
+        def loss(trainable, token):
+            full = list(leaves)
+            for i, x in zip(train, trainable, strict=True):
+                if roles[i] != layers_lib.STACKED:
+                    full[i] = x
+            guarded = _guard(tuple(paths[i] for i in stack), token, tuple(leaves[i] for i in stack))
+            for i, x in zip(stack, guarded, strict=True):
+                full[i] = x
+            # A unit's phase: the views are not differentiated, so scan_layers computes no
+            # weight cotangent (and no backward at all when the stack's input does not depend
+            # on what the phase trains).
+            view = [trainable[train.index(i)] if kind is None else view_zeros(i) for i in stack]
+            with train_only(Registry(guarded, view, ids, [paths[i] for i in stack])) as registry:
+                out = fun(jax.tree.unflatten(treedef, full), *args, **kwargs)
+            registry.check_all_found()
+            return out
+
+        # The views are only differentiation points: scan_layers reads the weights from the
+        # stack, so these zeros are never read and XLA does not allocate them.
+        point = [view_zeros(i) if roles[i] == layers_lib.STACKED else leaves[i] for i in train]
+        value, (g, _) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=has_aux)(
+            point, jnp.zeros((), jnp.float32)
+        )
+        return value, dict(zip(train, g, strict=True))
+
+    if not plan.num_extra:
+        value, got = grads_of(None)
+    else:
+        # Every branch gives the same leaves: what it trained, zeros for the rest.
+        shared = [
+            i
+            for i, r in enumerate(roles)
+            if r in (layers_lib.ALWAYS, layers_lib.STACKED, layers_lib.EXTRA)
+        ]
+
+        def branch(kind):
+            value, got = grads_of(kind)
+            return value, [
+                got[i]
+                if i in got
+                else view_zeros(i)
+                if roles[i] == layers_lib.STACKED
+                else jnp.zeros_like(leaves[i])
+                for i in shared
+            ]
+
+        value, g = jax.lax.switch(
+            jnp.asarray(unit, jnp.int32) + 1,
+            [functools.partial(branch, None)]
+            + [functools.partial(branch, e) for e in range(plan.num_extra)],
+        )
+        got = dict(zip(shared, g, strict=True))
+    # Frozen and non-float leaves: zeros, never differentiated (the compact update reads only
+    # their shape; a zero of no consumer costs nothing).
+    out = [got[i] if i in got else jnp.zeros_like(x) for i, x in enumerate(leaves)]
     return value, jax.tree.unflatten(treedef, out)
 
 
-def lean_value_and_grad(fun: Callable, *, layers: layers_lib.LayerSpec, has_aux: bool = False):
+def lean_value_and_grad(
+    fun: Callable,
+    *,
+    layers: layers_lib.LayerSpec,
+    has_aux: bool = False,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
+):
     r"""``jax.value_and_grad(fun)`` that differentiates only the active layers of a stack.
 
     ``fun(params, *args)`` computes a scalar loss and runs the stacked layers of ``params``
@@ -182,14 +272,36 @@ def lean_value_and_grad(fun: Callable, *, layers: layers_lib.LayerSpec, has_aux:
     constrains the stack first) or that also uses them elsewhere raises a ``ValueError`` at
     trace time naming the leaves and the fix (cast inside ``layer_fn``, which sees one layer).
 
+    Units beyond the layers (the optimizer's ``units=`` / ``frozen=``, same specs): ``frozen``
+    leaves are never differentiated (their gradient is zeros, which the compact update reads
+    for its shape only). With ``units``, the function takes the active unit too,
+    ``f(params, ids, unit, *args)`` (``unit``: int32, :func:`active_unit` of the state, -1 in
+    a layers phase), and differentiates only what that phase trains: the always-active leaves
+    and either the layers ``ids`` or the leaves of extra unit ``unit``; every other leaf's
+    gradient is zeros. One compiled program serves every phase (a ``lax.switch`` on the kind
+    of phase, each branch its own backward pass).
+
+    The rule for what lies upstream of the stack is JAX's own: the stack's input ``x`` gets a
+    cotangent exactly when, in the phase's differentiation, ``x`` depends on a differentiated
+    leaf (:func:`scan_layers` sees whether its input is perturbed). So whatever the model,
+    every gradient returned for what is trained equals the slice of ``jax.grad``: a phase
+    whose trained leaves are all downstream of the stack (the head, the final norm) runs no
+    backward through the blocks at all; a layers phase whose input is not differentiated (the
+    embedding an extra unit or frozen, nothing always-active before the stack) does no work
+    below its lowest active layer (no recompute, no input cotangent); an embedding phase runs
+    the input cotangents down the whole stack, without a weight cotangent.
+
     Args:
       fun: the loss, ``fun(params, *args) -> loss`` (or ``(loss, aux)`` with ``has_aux``).
       layers: regex on the '/'-joined key path (or callable) selecting the stacked leaves, as
         for ``omgd(..., granularity="layer")``.
       has_aux: as for ``jax.value_and_grad``.
+      units: the extra traversal units, as given to the optimizer (None: none).
+      frozen: the never-trained leaves, as given to the optimizer (None: none).
 
     Returns:
-      ``f(params, ids, *args) -> (value, grads)``.
+      ``f(params, ids, *args) -> (value, grads)``; with ``units``,
+      ``f(params, ids, unit, *args)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, omgd_jax
@@ -203,8 +315,17 @@ def lean_value_and_grad(fun: Callable, *, layers: layers_lib.LayerSpec, has_aux:
       24.0 [12.  6.] 24.0
     """
 
+    if units is not None:
+
+        def with_unit(params, ids, unit, *args, **kwargs):
+            plan = _plan(params, layers, units, frozen)
+            return _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs, unit)
+
+        return with_unit
+
     def wrapped(params, ids, *args, **kwargs):
-        return _value_and_grad(fun, _plan(params, layers), has_aux, params, ids, args, kwargs)
+        plan = _plan(params, layers, None, frozen)
+        return _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs)
 
     return wrapped
 
@@ -217,23 +338,34 @@ def _apply(plan, params, params_view, updates, ids):
     for x, u, r in zip(leaves, upd, plan.roles, strict=True):
         if r == layers_lib.STACKED:
             out.append(add_to_layers(x, u, ids))
-        elif r == layers_lib.ALWAYS:
+        elif r in (layers_lib.ALWAYS, layers_lib.EXTRA):
             out.append(optax.apply_updates(x, u))
         else:
             out.append(x)
     return jax.tree.unflatten(treedef, out)
 
 
-def apply_layer_updates(params, params_view, updates, ids: jax.Array, *, layers):
+def apply_layer_updates(
+    params,
+    params_view,
+    updates,
+    ids: jax.Array,
+    *,
+    layers,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
+):
     """New parameters: the always-active leaves plus their update, the active layers of every
     stack plus theirs, written in place (``params`` donated: gamma layers touched, the rest
-    bit-for-bit kept), each sum taken as ``optax.apply_updates`` takes it.
+    bit-for-bit kept), each sum taken as ``optax.apply_updates`` takes it. The extra units'
+    leaves (``units``) take their update as the always-active ones do (zeros outside their
+    phase); ``frozen`` leaves are kept as they are, their update not read.
 
     ``params_view`` is the `layer_view` the optimizer was given; its structure is checked, and
     the layers are read again from ``params`` where they are written (`add_to_layers`), which
     keeps the write in place and the view out of the write.
     """
-    return _apply(_plan(params, layers), params, params_view, updates, ids)
+    return _apply(_plan(params, layers, units, frozen), params, params_view, updates, ids)
 
 
 def _check_microbatches(microbatches) -> int | None:
@@ -326,6 +458,8 @@ def lean_train_step(
     layers: layers_lib.LayerSpec,
     has_aux: bool = False,
     microbatches: int | None = None,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
 ):
     r"""One lean layer-wise training step: ``step(params, opt_state, *args)``.
 
@@ -357,6 +491,14 @@ def lean_train_step(
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       microbatches: ``K``: every array of ``args`` leads with a micro-batch axis of size K and
         the gradient is averaged over it inside the one compiled step; None: one batch.
+      units: the extra traversal units, the spec given to ``tx`` (None: none). The step reads
+        the phase's unit from ``opt_state`` (:func:`active_unit`) and differentiates only what
+        the phase trains (see :func:`lean_value_and_grad` for the rule on what lies upstream
+        of the stack): an inactive unit gets no gradient work, a head phase no backward
+        through the blocks, a layers phase with the embedding untrained no work below its
+        lowest active layer.
+      frozen: the never-trained leaves, the spec given to ``tx``: never differentiated, never
+        written.
 
     Returns:
       ``step(params, opt_state, *args) -> (params, opt_state, value)`` where ``value`` is the
@@ -384,10 +526,11 @@ def lean_train_step(
     microbatches = _check_microbatches(microbatches)
 
     def step(params, opt_state, *args):
-        plan = _plan(params, layers)  # once per trace
+        plan = _plan(params, layers, units, frozen)  # once per trace
         ids = active_layers(opt_state)
+        unit = active_unit(opt_state) if plan.num_extra else None
         value, grads = _accumulate(
-            lambda *a: _value_and_grad(loss_fn, plan, has_aux, params, ids, a, {}),
+            lambda *a: _value_and_grad(loss_fn, plan, has_aux, params, ids, a, {}, unit),
             microbatches,
             args,
         )

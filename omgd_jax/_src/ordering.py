@@ -45,6 +45,24 @@ def zeros_after(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return jnp.broadcast_to(zero, shape)
 
 
+def after(tree, like):
+    """``tree`` unchanged, computed only once ``like`` exists (one element of ``like`` read;
+    every float leaf of ``tree`` becomes ``x - 0``, a new buffer: exact for every value, the
+    sign of zero included, NaN in ``like`` or not).
+
+    Why: a recomputation in a backward pass (an attention's forward recomputed from its input)
+    is otherwise identical to the forward's, and XLA merges the two, so the recomputed values
+    live from the forward through every backward step before theirs. Recomputed from
+    ``after(x, cotangent)``, it is a different value that can only run once that cotangent
+    exists. ``examples/llama/model.py``'s ``attn_remat`` recomputes the attention this way.
+    """
+    nan = _any_nan(like)
+    return jax.tree.map(
+        lambda x: x - nan.astype(x.dtype) * 0 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree,
+    )
+
+
 def materialise(tree, pred: jax.Array):
     """``tree`` unchanged, computed before anything that consumes it.
 

@@ -28,11 +28,38 @@ Granularities (SPEC §1.2):
     for small problems and for `omgd_mask` (groups balanced in expectation only).
   * ``"tensor"``: each floating leaf is a unit; a random permutation of the leaves is cut into M
     groups of equal count (``balance="count"``) or of about equal element count (``"size"``).
-  * ``"layer"``: LISA-wor (Algorithm 2). The N_L transformer layers are permuted and cut into M
-    groups of gamma = N_L / M layers; everything that is not a layer is always active, scale 1.
+  * ``"layer"``: LISA-wor (Algorithm 2). The N_L transformer layers are permuted and cut into
+    G = N_L / gamma groups of gamma layers; everything that is not a layer is always active,
+    scale 1 (the paper's default, and the default here).
+
+Units beyond the layers (SPEC §6). ``units=`` (layer granularity; same vocabulary as
+``layers=``: a regex on the '/'-joined key path, each matched leaf its own unit, or with a
+capture group, leaves with the same captured text one unit; or a callable
+``(path, leaf) -> None | str`` naming the unit) makes E extra units (embedding, head, final
+norm) join the traversal. A cycle then has
+
+    M = G + E = N_L / gamma + E
+
+phases: the M phase labels 0..M-1 are permuted afresh every cycle; label l < G trains the
+gamma layers of group l of the cycle's layer partition, label G + e trains extra unit e alone.
+Every trainable unit (layer or extra) is active in exactly one phase of the cycle and scaled
+by M there (``scale=True``; 1 with ``scale=False``), so with S^(j) the factors of phase j
+
+    sum_{j=1}^{M} S^(j) = M * 1   on every layer and every extra unit,
+
+the coverage of Algorithm 1 over the trainable units. Leaves picked by neither ``layers=``,
+``units=`` nor ``frozen=`` stay always active with factor 1 at every step (outside the
+condition, as the paper's always-on embedding and head); ``frozen=`` leaves are never trained
+(factor 0 at every step, warm-up included). ``num_masks``, if given, is the total M (so M - E
+must divide N_L); ``layers_per_phase`` gives gamma and M = N_L / gamma + E. With E = 0 this is
+Algorithm 2 as before, bit for bit. `Active.unit` says which kind of phase a step is in: the
+extra unit (0..E-1) it trains, or -1 in a layers phase; `Active.layer_ids` is always gamma
+valid layer ids (so shapes do not depend on the phase), not trained while ``unit >= 0``.
 
 ``traversal="iid"`` draws every phase's mask independently (one group of a fresh partition drawn
 from ``fold_in(key, phase)``): the same law per phase as ``"wor"``, but no coverage per cycle.
+With extra units every phase draws its label uniformly from the M labels, so every layer and
+every extra unit is active in a phase with probability 1/M, independently across phases.
 
 `MaskSchedule.active` is the one place that turns (key, step) into what is active (phase, label,
 layer ids, factor); the dense masks of `omgd_mask` and the compact and frozen states read it.
@@ -77,12 +104,14 @@ class Active(NamedTuple):
     ``num_masks`` and ``factor`` are Python numbers (static under `jit`); the rest are traced.
     """
 
-    num_masks: int  # M for this tree (layer granularity: N_L / gamma).
+    num_masks: int  # M for this tree (layer granularity: N_L / gamma + E).
     phase: Phase  # where the step falls: warm-up or not, cycle, group, phase id.
     partition_key: jax.Array  # key of this cycle's partition (hash seeds, tensor labels, layers).
     label: jax.Array  # int32, the partition label (0..M-1) that is active.
     layer_ids: jax.Array | None  # layer granularity: int32[gamma], the active layers; else None.
     factor: float  # value of a kept entry once masking starts: M if scale, else 1.
+    unit: jax.Array | None = None  # layer granularity: int32, the extra unit (0..E-1) this
+    # phase trains, -1 in a layers phase (always -1 without units=); else None.
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -131,7 +160,9 @@ class MaskSchedule:
     The fields are the mask arguments of `omgd_mask`, `omgd` and `omgd_adamw`, with the same
     names and defaults (a test keeps them equal); those factories build their schedule with
     `MaskSchedule.from_args`. ``num_masks`` may be None only for layer granularity with
-    ``layers_per_phase`` given, in which case M = N_L / gamma is fixed when the tree is seen.
+    ``layers_per_phase`` given, in which case M = N_L / gamma + E is fixed when the tree is
+    seen (E: the extra units of ``units=``, 0 without them; ``frozen=`` leaves are never
+    trained; see the module docstring).
 
     Everything a step needs comes from `active`: (phase, active label, active layer ids,
     factor) as a pure function of (key, step), usable inside `jit`.
@@ -148,6 +179,8 @@ class MaskSchedule:
     layout: Layout = "contiguous"
     balance: Balance = "count"
     repartition: bool | None = None
+    units: layers_lib.UnitSpec | None = None
+    frozen: layers_lib.FrozenSpec | None = None
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> MaskSchedule:
@@ -205,21 +238,35 @@ class MaskSchedule:
                 )
         elif self.layers is not None:
             raise ValueError("layers= is only used with granularity='layer'")
+        for name in ("units", "frozen"):
+            spec = getattr(self, name)
+            if spec is None:
+                continue
+            if self.granularity != "layer":
+                raise ValueError(
+                    f"{name}= is only used with granularity='layer' (extra traversal units and "
+                    f"never-trained leaves beside the layers), got granularity="
+                    f"{self.granularity!r}"
+                )
+            if not (isinstance(spec, str) or callable(spec) or hasattr(spec, "pattern")):
+                raise TypeError(
+                    f"{name} must be a regex string or a callable (path, leaf), got {spec!r}"
+                )
 
     # ----------------------------------------------------------------------------------- plan
     def plan(self, tree) -> layers_lib.Plan:
         """Static roles of the leaves of ``tree``; checks the layer count against M."""
         if self.granularity != "layer":
             return layers_lib.plan_units(tree)
-        plan = layers_lib.plan_layers(tree, self.layers)
+        plan = layers_lib.plan_layers(tree, self.layers, self.units, self.frozen)
         self.masks_for(plan)  # validates
         return plan
 
     def masks_for(self, plan: layers_lib.Plan) -> int:
-        """M for this tree (layer granularity: N_L / gamma when gamma is given)."""
+        """M for this tree (layer granularity: N_L / gamma + E when gamma is given)."""
         if self.granularity != "layer":
             return self.num_masks
-        n = plan.num_layers
+        n, extra = plan.num_layers, plan.num_extra
         if self.layers_per_phase is not None:
             if self.layers_per_phase > n:
                 raise ValueError(
@@ -231,7 +278,9 @@ class MaskSchedule:
                     f"layers_per_phase={self.layers_per_phase} must divide the number of "
                     f"layers ({n})"
                 )
-            return n // self.layers_per_phase
+            return n // self.layers_per_phase + extra
+        if extra:
+            return self._masks_with_units(n, extra)
         if self.num_masks > n:
             raise ValueError(
                 f"num_masks={self.num_masks} is larger than the number of layers ({n})"
@@ -242,6 +291,27 @@ class MaskSchedule:
                 "phase trains the same number of layers"
             )
         return self.num_masks
+
+    def _masks_with_units(self, n: int, extra: int) -> int:
+        """``num_masks`` = M = G + E, checked: G = M - E layer phases must divide N_L."""
+        groups = self.num_masks - extra
+        if groups < 1:
+            raise ValueError(
+                f"num_masks={self.num_masks} is the total number of phases M = N_L / gamma + E "
+                f"and must be larger than the {extra} extra units of units= (at least one "
+                "layers phase); or give layers_per_phase instead"
+            )
+        if n % groups:
+            raise ValueError(
+                f"num_masks={self.num_masks} minus the {extra} extra units of units= leaves "
+                f"{groups} layer phases, which must divide the number of layers ({n}) so that "
+                "every layers phase trains the same number of layers"
+            )
+        return self.num_masks
+
+    def layer_groups(self, plan: layers_lib.Plan) -> int:
+        """G = M - E, the phases of a cycle that train layers (layer granularity)."""
+        return self.masks_for(plan) - plan.num_extra
 
     # ---------------------------------------------------------------------------------- phase
     def phase(self, step: jax.Array, num_masks: int, mask_index: jax.Array | None = None) -> Phase:
@@ -326,7 +396,10 @@ class MaskSchedule:
         return jnp.zeros(num, jnp.int32).at[order].set(label_sorted)
 
     def layer_ids(self, key: jax.Array, num_layers: int, label: jax.Array, num_masks: int):
-        """Layer granularity: the gamma = N_L / M layer indices with partition label ``label``."""
+        """Layer granularity: the gamma = N_L / G layer indices of group ``label``.
+
+        ``num_masks`` is G, the layer groups of a cycle (M without extra units).
+        """
         gamma = num_layers // num_masks
         perm = jax.random.permutation(key, num_layers)
         return jax.lax.dynamic_slice_in_dim(perm, label * gamma, gamma)
@@ -374,11 +447,15 @@ class MaskSchedule:
         phase = self.phase(step, num_masks, mask_index)
         partition_key, _ = self.keys(key, phase)
         label = self.active_label(key, phase, num_masks)
-        layer_ids = None
+        layer_ids = unit = None
         if self.granularity == "layer":
-            layer_ids = self.layer_ids(partition_key, plan.num_layers, label, num_masks)
+            groups, group, unit = num_masks - plan.num_extra, label, jnp.int32(-1)
+            if plan.num_extra:  # labels G.. are the extra units; their phases train no layer
+                group = jnp.where(label < groups, label, 0)
+                unit = jnp.where(label < groups, -1, label - groups).astype(jnp.int32)
+            layer_ids = self.layer_ids(partition_key, plan.num_layers, group, groups)
         factor = float(num_masks) if self.scale else 1.0
-        return Active(num_masks, phase, partition_key, label, layer_ids, factor)
+        return Active(num_masks, phase, partition_key, label, layer_ids, factor, unit)
 
     # ------------------------------------------------------------------------------ dense masks
     def factors(
@@ -394,12 +471,15 @@ class MaskSchedule:
         Factors broadcast against their leaf: full-shape for element granularity, a scalar per
         tensor, shape (N_L, 1, ..., 1) for stacked layers. None marks leaves passed through
         untouched (non-floating leaves, and always-active leaves of layer granularity).
-        During the warm-up every factor is 1.
+        During the warm-up every factor is 1, except that of a ``frozen=`` leaf: 0 at every step.
         """
         active = self.active(plan, key, step, mask_index)
         out = []
-        for leaf, on in zip(leaves, self._activity(plan, leaves, active), strict=True):
-            if on is None:
+        activity = self._activity(plan, leaves, active)
+        for leaf, on, role in zip(leaves, activity, plan.roles, strict=True):
+            if role == layers_lib.FROZEN:
+                out.append(jnp.zeros((), leaf.dtype))
+            elif on is None:
                 out.append(None)
             else:
                 value = jnp.where(on, active.factor, 0.0).astype(leaf.dtype)
@@ -439,11 +519,15 @@ class MaskSchedule:
                 out[i] = labels[u] == label
         else:
             on = jnp.zeros(plan.num_layers, bool).at[active.layer_ids].set(True)
+            if plan.num_extra:  # a unit phase trains no layer
+                on = on & (active.unit < 0)
             for i, role in enumerate(roles):
                 if role == layers_lib.STACKED:
                     out[i] = on.reshape((-1,) + (1,) * (leaves[i].ndim - 1))
                 elif role == layers_lib.UNROLLED:
                     out[i] = on[plan.layer_of[i]]
+                elif role == layers_lib.EXTRA:
+                    out[i] = active.unit == plan.unit_of[i]
         return out
 
 

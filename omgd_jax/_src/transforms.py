@@ -32,12 +32,46 @@ def init_mask_state(key: jax.Array | int) -> OmgdMaskState:
     return OmgdMaskState(omgd_key=canonical_key(key), omgd_step=jnp.zeros([], jnp.int32))
 
 
+def next_unit(schedule: MaskSchedule, plan: layers_lib.Plan, key: jax.Array, step: jax.Array):
+    """The extra unit the update at ``step`` trains (int32; -1: a layers phase), as the compact
+    and frozen states store it (``omgd_unit``); EmptyState() without extra units."""
+    if not plan.num_extra:
+        return optax.EmptyState()
+    return schedule.active(plan, key, step).unit
+
+
+def check_units_record(plan: layers_lib.Plan, record, units) -> None:
+    """Refuses a state written with extra units for a tree without them, and the converse.
+
+    ``record`` is the state's ``omgd_unit``: an int32 array exactly when the state was
+    initialised with extra units (a checkpoint carries it), EmptyState() otherwise.
+    """
+    recorded = isinstance(record, jax.Array | jax.ShapeDtypeStruct)
+    if recorded == bool(plan.num_extra):
+        return
+    if plan.num_extra:
+        raise ValueError(
+            "omgd: this optimizer state was written without extra traversal units, but units="
+            f"{units!r} makes {plan.num_extra} ({', '.join(plan.extra_names)}); a state (or a "
+            "checkpoint) cannot change the units of its traversal: start from tx.init(params), "
+            "or resume with the configuration it was written with"
+        )
+    raise ValueError(
+        "omgd: this optimizer state was written with extra traversal units (units=), but this "
+        "transformation has none; resume with the configuration it was written with, or start "
+        "from tx.init(params)"
+    )
+
+
 def masked_updates(schedule: MaskSchedule, updates, state: OmgdMaskState, mask_index=None):
     """Multiplies every leaf of ``updates`` by its mask factor at ``state.omgd_step``."""
     leaves, treedef = jax.tree.flatten(updates)
     plan = schedule.plan(updates)
     factors = schedule.factors(plan, leaves, state.omgd_key, state.omgd_step, mask_index)
-    out = [u if f is None else u * f for u, f in zip(leaves, factors, strict=True)]
+    out = [
+        jnp.zeros_like(u) if r == layers_lib.FROZEN else u if f is None else u * f
+        for u, f, r in zip(leaves, factors, plan.roles, strict=True)
+    ]
     return jax.tree.unflatten(treedef, out)
 
 
@@ -55,6 +89,8 @@ def omgd_mask(
     layout: Layout = "contiguous",
     balance: Balance = "count",
     repartition: bool | None = None,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Masks the gradient with Omni-Masked Gradient Descent's traversal of disjoint masks.
 
@@ -67,6 +103,12 @@ def omgd_mask(
 
     so over a cycle every coordinate is updated exactly once per mask pass; followed by
     ``optax.sgd`` this is Algorithm 1 (epochwise form) of the paper, with the O(eps^-3) rate.
+
+    Layer granularity with ``units=``: a cycle is :math:`M = N_L/\gamma + E` phases in a
+    random order drawn every cycle, :math:`N_L/\gamma` of them training :math:`\gamma` layers
+    not yet visited in the cycle and one per extra unit training that unit alone; the sum
+    above holds on every layer and every extra unit (factor M once per cycle). Always-active
+    leaves keep factor 1; ``frozen=`` leaves get a zero gradient at every step.
 
     Placement matters when the next transformation has state. Before ``optax.adam`` (the usual
     chain) the inactive coordinates see g = 0: their moments decay and the parameters keep
@@ -104,6 +146,14 @@ def omgd_mask(
         one to draw (random layout, tensor and layer granularity; contiguous bands are fixed,
         their order redrawn every cycle); True: the same, refused for contiguous bands; False:
         one partition drawn once, its order reshuffled every cycle (the released code).
+      units: layer granularity: leaves that are not layers and join the traversal as units of
+        their own (embedding, head, final norm): a regex on the '/'-joined key path (no
+        capture group: every matched leaf is its own unit; a capture group: leaves with the
+        same captured text form one unit) or a callable ``(path, leaf) -> None | str`` (the
+        unit's name). None (default): everything that is not a layer is always active.
+        ``num_masks``, if given, is then the total M = N_L / gamma + E.
+      frozen: layer granularity: leaves never trained (a regex or a callable
+        ``(path, leaf) -> bool``): their gradient is zeroed at every step, warm-up included.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` accepts the extra argument

@@ -44,6 +44,8 @@ STATIC_ARGS = (
     "layout",
     "balance",
     "repartition",
+    "units",
+    "frozen",
     "state",
     "mask",
     # the baselines' structural arguments (galore, golore, sift, skip_update, magma, mofasgd)
@@ -87,6 +89,8 @@ def omgd(
     layout: Layout = "contiguous",
     balance: Balance = "count",
     repartition: bool | None = None,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs ``inner`` only on OMGD's active share of the parameters.
 
@@ -99,16 +103,38 @@ def omgd(
         (u_t|_{A_t},\ s_{t+1}) = \mathcal{A}\big((S_t \odot g_t)|_{A_t},\ s_t,\
         \theta_t|_{A_t}\big), \qquad u_t|_{\overline{A_t}} = 0,
 
-    so ``omgd(optax.sgd(lr), ...)`` equals ``chain(omgd_mask(...), optax.sgd(lr))``. What
-    differs from that chain is the inner optimizer's state:
+    so ``omgd(optax.sgd(lr), ...)`` equals ``chain(omgd_mask(...), optax.sgd(lr))``.
+
+    Layer granularity, units beyond the layers: with :math:`N_L` layers taken
+    :math:`\gamma` at a time and the :math:`E` extra units of ``units=`` (embedding, head,
+    final norm), a cycle has :math:`M = G + E` phases, :math:`G = N_L/\gamma`, in a random
+    order drawn every cycle (``traversal="wor"``; ``"iid"``: every phase's label drawn
+    uniformly from the M). A layers phase trains :math:`\gamma` layers not yet visited in
+    the cycle, a unit phase trains its unit alone; every trainable unit :math:`u` (layer or
+    extra) is active in exactly one phase :math:`j_u` of the cycle and scaled by M there:
+
+    .. math::
+        S^{(j)}_u = M\,\mathbb{1}[j = j_u], \qquad \sum_{j=1}^{M} S^{(j)}_u = M
+        \quad \text{for every layer and extra unit } u.
+
+    Leaves picked by neither ``layers=``, ``units=`` nor ``frozen=`` are always active with
+    scale 1 (the default: the paper's always-on embedding and head); ``frozen=`` leaves are
+    never trained (update exactly zero, no inner state). ``num_masks``, if given, is the
+    total M (M - E must divide :math:`N_L`); ``layers_per_phase`` gives :math:`\gamma`.
+
+    What differs from that chain is the inner optimizer's state:
 
     * ``state="compact"`` (LISA / BAdam): the inner state exists only for the active share,
       in fixed-size buffers (element granularity: a window of ceil(n/M) coordinates per leaf;
       layer granularity: the gamma active layers, plus the always-active leaves), and is
       re-initialised, counters included, whenever the active mask changes. Optimizer memory is
-      about 1/M of the inner optimizer's. Supports ``granularity`` "element" (with
-      ``layout="contiguous"`` or ``"strided"``) and "layer", and ``warmup_steps=0`` (warm up
-      with ``inner`` alone, then switch, as ``examples/gpt2`` does).
+      about 1/M of the inner optimizer's. Extra units (``units=``) keep their inner state at
+      full size in this version (``omgd_unit_state``, restarted at every phase change, so a
+      unit's moments start from zero whenever it comes back, as a layer's do); the state
+      records the unit the next update trains in ``omgd_unit`` (-1: a layers phase).
+      Supports ``granularity`` "element" (with ``layout="contiguous"`` or ``"strided"``) and
+      "layer", and ``warmup_steps=0`` (warm up with ``inner`` alone, then switch, as
+      ``examples/gpt2`` does).
     * ``state="frozen"`` (the paper's released code): a full inner state per unit (leaf, or
       layer of a stacked leaf) with its own step counter; inactive units keep their parameters
       and state untouched and get no weight decay. Saves no memory. Since ``inner`` runs leaf
@@ -155,6 +181,16 @@ def omgd(
         one to draw (random layout, tensor and layer granularity; contiguous bands are fixed,
         their order redrawn every cycle); True: the same, refused for contiguous bands; False:
         one partition drawn once, its order reshuffled every cycle (the released code).
+      units: layer granularity: leaves that are not layers and join the traversal as units of
+        their own (embedding, head, final norm), in the vocabulary of ``layers``: a regex on
+        the '/'-joined key path (no capture group: every matched leaf is its own unit; a
+        capture group: leaves with the same captured text form one unit) or a callable
+        ``(path, leaf) -> None | str`` naming the unit. None (default): everything that is not
+        a layer is always active. A state initialised without extra units is refused by a
+        configuration with them (and the converse).
+      frozen: layer granularity: leaves never trained, a regex or a callable
+        ``(path, leaf) -> bool``: update exactly zero, no inner state. A leaf may be picked by
+        one of ``layers``, ``units`` and ``frozen`` at most.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an `OmgdCompactState` or an
@@ -162,7 +198,7 @@ def omgd(
       :func:`omgd_jax.omgd_mask`) and forwards every other extra argument to ``inner``.
 
     Examples:
-      >>> import jax.numpy as jnp, optax, omgd_jax
+      >>> import jax.numpy as jnp, numpy as np, optax, omgd_jax
       >>> tx = omgd_jax.omgd(optax.adam(1e-3), num_masks=4, steps_per_mask=10)
       >>> params = {"w": jnp.zeros((64, 64))}
       >>> state = tx.init(params)
@@ -171,6 +207,19 @@ def omgd(
       >>> updates, state = tx.update({"w": jnp.ones((64, 64))}, state, params)
       >>> print(int((updates["w"] != 0).sum()))  # only the active quarter moves
       1024
+
+      The embedding and the head join the traversal: 4 layers 2 at a time plus 2 units, M = 4.
+
+      >>> params = {"wte": jnp.ones((5, 2)), "blocks": jnp.ones((4, 2)), "head": jnp.ones(2)}
+      >>> tx = omgd_jax.omgd(optax.sgd(1.0), granularity="layer", layers="^blocks",
+      ...                    layers_per_phase=2, units="^(wte|head)$")
+      >>> state, trained = tx.init(params), []
+      >>> for _ in range(4):  # one cycle: the layers twice (2 + 2), the embedding, the head
+      ...     u, state = tx.update(params, state, params)
+      ...     trained.append(" ".join(k for k in sorted(u) if np.any(u[k])))
+      ...     assert min(float(v.min()) for v in u.values()) == -4.0  # scaled by M = 4
+      >>> sorted(trained)
+      ['blocks', 'blocks', 'head', 'wte']
 
     References:
       Yang et al., Omni-Masked Gradient Descent, arXiv 2603.05960, 2026.
@@ -213,6 +262,8 @@ def omgd_adamw(
     layout: Layout = "contiguous",
     balance: Balance = "count",
     repartition: bool | None = None,
+    units: layers_lib.UnitSpec | None = None,
+    frozen: layers_lib.FrozenSpec | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW under OMGD: ``optax.adamw``'s arguments plus those of :func:`omgd`.
 
@@ -232,6 +283,13 @@ def omgd_adamw(
     decoupled weight decay :math:`\lambda` run inside, so inactive coordinates are not
     decayed. For `optax.inject_hyperparams` pass
     ``static_args=omgd_jax.static_args(omgd_jax.omgd_adamw)``.
+
+    Layer granularity with ``units=``: the active share :math:`A_t` of a phase is either
+    :math:`\gamma` layers or one extra unit; a cycle is :math:`M = N_L/\gamma + E` phases,
+    each trainable unit active (and scaled by M) in exactly one of them, so
+    :math:`\sum_j S^{(j)} = M \cdot \mathbf{1}` on the layers and the extra units (see
+    :func:`omgd`); always-active leaves run AdamW at every step with scale 1, ``frozen=``
+    leaves never move and are not decayed.
 
     Args:
       learning_rate: :math:`\eta`, a float or an optax schedule of the global step.
@@ -261,6 +319,16 @@ def omgd_adamw(
         one to draw (random layout, tensor and layer granularity; contiguous bands are fixed,
         their order redrawn every cycle); True: the same, refused for contiguous bands; False:
         one partition drawn once, its order reshuffled every cycle (the released code).
+      units: layer granularity: leaves that are not layers and join the traversal as units of
+        their own (embedding, head, final norm), in the vocabulary of ``layers``: a regex on
+        the '/'-joined key path (no capture group: every matched leaf is its own unit; a
+        capture group: leaves with the same captured text form one unit) or a callable
+        ``(path, leaf) -> None | str`` naming the unit. None (default): everything that is not
+        a layer is always active. A state initialised without extra units is refused by a
+        configuration with them (and the converse).
+      frozen: layer granularity: leaves never trained, a regex or a callable
+        ``(path, leaf) -> bool``: update exactly zero, no inner state. A leaf may be picked by
+        one of ``layers``, ``units`` and ``frozen`` at most.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: ``optax.chain`` of the wrapped Adam with

@@ -42,6 +42,7 @@ def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_pa
     for r in doc["records"]:
         assert [g["lr"] for g in r["lr_grid"]] == list(compare.QUICK_LR_GRID)
         assert r["best_lr"] == min(r["lr_grid"], key=lambda g: g["val_loss"])["lr"]
+        assert r["lr_position"] == "only"  # one rate: nothing tuned, nothing to warn about
         assert r["seeds"] == list(range(seeds)) and len(r["val_loss"]) == seeds
         assert r["val_loss_mean"] == pytest.approx(np.mean(r["val_loss"]))
         assert r["val_loss_std"] == pytest.approx(np.std(r["val_loss"], ddof=1))
@@ -49,6 +50,13 @@ def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_pa
         mem = r["memory"]
         assert r["peak_memory_bytes"] == mem["argument_bytes"] + mem["temp_bytes"]
         assert mem["argument_bytes"] >= setting["param_bytes"] + r["opt_state_bytes"]
+        remat = r["memory_remat"]  # the same step with per-block remat, the same definition
+        if r["optimizer"] not in compare.QUICK_REMAT_METHODS:  # --quick: a few methods only
+            assert remat is None and r["peak_memory_remat_bytes"] is None
+        else:
+            assert r["peak_memory_remat_bytes"] == remat["argument_bytes"] + remat["temp_bytes"]
+            assert remat["argument_bytes"] == mem["argument_bytes"]  # same donated state, batch
+            assert r["peak_memory_remat_bytes"] < r["peak_memory_bytes"]
         assert len(r["best_run"]["train_loss"]) == setting["steps"]
         assert r["step_time_s"] > 0 and r["step_time_rel_adamw"] > 0
     assert recs["AdamW"]["step_time_rel_adamw"] == 1.0
@@ -58,6 +66,13 @@ def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_pa
     assert [r["optimizer"] for r in lean] == ["omgd-layer", "lisa", "lisa-wor-noscale"]
     for r in lean + [recs["OMGD-element (compact, M=4)"], recs["GaLore"], recs["MoFaSGD"]]:
         assert r["opt_state_bytes"] < recs["AdamW"]["opt_state_bytes"]
+    # with remat the lean step keeps far less than its no-remat step (the committed table's test
+    # compares it with AdamW's too)
+    assert "lisa" in compare.QUICK_REMAT_METHODS
+    lisa = recs["LISA"]
+    assert lisa["peak_memory_remat_bytes"] < 0.8 * lisa["peak_memory_bytes"]
+    assert setting["lr_grids"] == {o: list(compare.QUICK_LR_GRID) for _, o, _ in compare.METHODS}
+    assert meta["lr_at_grid_edge"] == {}
     # different seeds: other parameters, data and masks
     assert len(set(recs["LISA"]["val_loss"])) == seeds
     for key in ("loss", "pareto"):
@@ -186,5 +201,138 @@ def test_merge_into_the_committed_table_keeps_its_provenance_with_its_records():
     assert doc["meta"]["commit"] == "c1" and "converted" not in doc["meta"]
     kept = doc["meta"]["kept_from_earlier_run"]
     assert kept["commit"] == committed["meta"]["commit"]
-    assert kept["converted"] == committed["meta"]["converted"]
+    for k in ("converted", "kept_from_earlier_run", "merged_runs"):  # its own provenance, kept
+        assert kept.get(k) == committed["meta"].get(k)
     assert "AdamW" not in kept["methods"] and "LISA" in kept["methods"]
+
+
+# ------------------------------------------------------------- learning-rate grids (no training)
+def test_lr_position_tells_the_edges_from_the_inside():
+    grid = [{"lr": lr, "val_loss": 1.0} for lr in (1e-3, 2e-3, 4e-3)]
+    assert compare.lr_position(grid, 1e-3) == "lowest"
+    assert compare.lr_position(grid, 2e-3) == "interior"
+    assert compare.lr_position(grid, 4e-3) == "highest"
+    assert compare.lr_position([4e-3, 1e-3, 2e-3], 2e-3) == "interior"  # rates, any order
+    assert compare.lr_position([3e-3], 3e-3) == "only"
+    assert compare.edge_message("LISA", "lisa", grid, 2e-3) is None
+
+
+def test_a_best_rate_at_the_grid_edge_warns_with_the_way_to_widen_it():
+    def grid(*losses):
+        return [{"lr": lr, "val_loss": v} for lr, v in zip((1e-3, 2e-3, 4e-3), losses, strict=True)]
+
+    with pytest.warns(compare.LrAtGridEdge, match=r"LISA: .* 0\.001 is the lowest of its grid "
+                      r"\{0\.001, 0\.002, 0\.004\}.*LR_GRIDS\['lisa'\].*downward"):  # fmt: skip
+        assert compare.choose_lr("LISA", "lisa", grid(2.4, 2.5, 2.9)) == 1e-3
+    with pytest.warns(compare.LrAtGridEdge, match="highest of its grid.*upward"):
+        assert compare.choose_lr("AdamW", "adamw", grid(2.36, 2.35, 2.34)) == 4e-3
+    with pytest.warns(compare.LrAtGridEdge, match="highest"):  # a diverged point loses
+        assert compare.choose_lr("x", "adamw", grid(float("nan"), 2.5, 2.4)) == 4e-3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compare.choose_lr("LISA", "lisa", grid(2.5, 2.4, 2.9)) == 2e-3
+        assert compare.choose_lr("q", "lisa", [{"lr": 3e-3, "val_loss": 2.0}]) == 3e-3
+
+
+def test_every_method_has_its_grid_and_the_layerwise_ones_reach_below_the_default():
+    for _, optimizer, _ in compare.METHODS:
+        grid = compare.lr_grid_of(optimizer)
+        assert list(grid) == sorted(grid) and len(grid) >= 3
+        assert compare.lr_grid_of(optimizer, quick=True) == compare.QUICK_LR_GRID
+    for optimizer in ("omgd-layer", "lisa", "lisa-wor-noscale"):
+        assert min(compare.lr_grid_of(optimizer)) < min(compare.LR_GRID)
+
+
+def test_require_interior_refuses_a_rate_at_the_edge_after_writing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "compare.json"
+
+    def fake_run(setting, data, grid, methods, progress, on_record):
+        assert grid == {o: compare.lr_grid_of(o) for _, o, _ in methods}
+        recs = [record("AdamW", 2.0), record("LISA", 2.4)]
+        recs[1]["lr_grid"] = [{"lr": lr, "val_loss": 2.4 + lr} for lr in grid["lisa"]]
+        recs[1]["best_lr"] = min(grid["lisa"])  # the lowest: the edge
+        return document(["AdamW"], loss=2.0, steps=setting["steps"], seeds=setting["seeds"],
+                        lr_grid=list(compare.LR_GRID)) | {"records": recs}  # fmt: skip
+
+    monkeypatch.setattr(compare, "run", fake_run)
+    for plot in ("plot_losses", "plot_memory_pareto"):  # the figures are another test's
+        monkeypatch.setattr(compare, plot, lambda doc, out, title: out)
+    args = ["--out", str(out), "--data", "x", "--steps", "3", "--seeds", "2", "--no-progress",
+            "--methods", "lisa"]  # fmt: skip
+    compare.main(args)  # a warning only
+    assert "LISA: the best learning rate" in capsys.readouterr().err
+    assert report.load(out)["meta"]["lr_at_grid_edge"] == {"LISA": "lowest"}
+    out.unlink()
+    with pytest.raises(SystemExit, match=r"(?s)edge of its grid.*LISA.*lowest.*JSON is written"):
+        compare.main([*args, "--require-interior"])
+    assert report.load(out)["records"][1]["method"] == "LISA"
+
+
+def test_committed_table_has_bracketed_layerwise_rows_and_both_memories():
+    committed = report.load(compare.__file__.replace("compare.py", "results/compare.json"))
+    recs = {r["optimizer"]: r for r in committed["records"]}
+    for optimizer, grid in compare.LR_GRIDS.items():
+        r = recs[optimizer]  # the committed command reproduces the row: its grid is the code's
+        assert [g["lr"] for g in r["lr_grid"]] == list(grid), optimizer
+        assert r["lr_position"] == "interior", optimizer
+        assert r["method"] not in committed["meta"]["lr_at_grid_edge"]
+    assert committed["meta"]["lr_at_grid_edge"] == compare.at_grid_edge(committed["records"])
+    for r in committed["records"]:  # both figures, the library's one peak definition
+        for key, mem in (("peak_memory_bytes", r["memory"]),
+                         ("peak_memory_remat_bytes", r["memory_remat"])):  # fmt: skip
+            assert r[key] == mem["argument_bytes"] + mem["temp_bytes"]
+        assert r["memory_remat"]["argument_bytes"] == r["memory"]["argument_bytes"]
+        assert r["peak_memory_remat_bytes"] < 0.5 * r["peak_memory_bytes"]
+    lean = [r for r in committed["records"] if r["train_step"] == "lean_train_step"]
+    adamw = recs["adamw"]["peak_memory_remat_bytes"]
+    assert lean and all(r["peak_memory_remat_bytes"] < 0.85 * adamw for r in lean)
+
+
+def test_add_remat_memory_fills_the_records_and_refuses_a_changed_step(monkeypatch):
+    class FakeMethod:
+        def __init__(self, cfg, graphdef, abstract_params, mesh, x_shape):
+            self.memory = {"argument_bytes": 10**5, "output_bytes": 0, "temp_bytes": 9 * 10**5,
+                           "peak_bytes": 10**6}  # fmt: skip
+            self.memory_remat = {"argument_bytes": 10**5, "output_bytes": 0, "temp_bytes": 10**5,
+                                 "peak_bytes": 2 * 10**5}  # fmt: skip
+
+    monkeypatch.setattr(compare, "Method", FakeMethod)
+    doc = document(["AdamW", "LISA"], loss=2.0, preset="nano", vocab_size=256, eval_every=1,
+                   eval_iters=1)  # fmt: skip
+    for r in doc["records"]:
+        r["memory"] = FakeMethod(*[None] * 5).memory
+    assert compare.add_remat_memory(doc, {"LISA"}, progress=False) == ["LISA"]
+    adamw, lisa = doc["records"]
+    assert "memory_remat" not in adamw and lisa["peak_memory_remat_bytes"] == 2 * 10**5
+    assert "memory_recompiled" not in lisa  # the same step as recorded
+    adamw["memory"] = dict(adamw["memory"], peak_bytes=10**6 + 64)  # bytes: kept, not refused
+    assert compare.add_remat_memory(doc, {"AdamW"}, progress=False) == ["AdamW"]
+    assert adamw["memory_recompiled"]["peak_bytes"] == 10**6
+    assert adamw["memory"]["peak_bytes"] == 10**6 + 64
+    adamw["memory"] = dict(adamw["memory"], peak_bytes=2 * 10**6)
+    with pytest.raises(RuntimeError, match="AdamW: the step compiles to .* rerun the method"):
+        compare.add_remat_memory(doc, {"AdamW"}, progress=False)
+
+
+def test_pareto_labels_never_overlap_in_either_panel(tmp_path):
+    from examples.gpt2.plot import plot_pareto
+
+    # the committed table's shape: five methods at one peak within 0.01 of loss, two more
+    # pairs nearly on top of each other
+    pts = [(114.4, 2.354), (114.4, 2.359), (114.4, 2.363), (114.4, 2.360), (114.4, 2.356),
+           (108.4, 2.421), (108.4, 2.404), (108.4, 2.419), (109.6, 2.531), (110.2, 2.358),
+           (110.2, 2.378), (113.2, 2.361), (110.4, 2.317)]  # fmt: skip
+    rows = [{"label": f"method number {i} (details)", "peak_bytes": m * 2**20,
+             "peak_remat_bytes": m / 3 * 2**20, "val_loss": v, "val_loss_std": 0.005}
+            for i, (m, v) in enumerate(pts)]  # fmt: skip
+    panels = [("peak_bytes", "no remat"), ("peak_remat_bytes", "remat")]
+    png = plot_pareto(rows, tmp_path / "p.png", "t", panels=panels)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    panels = plot_pareto.last_label_boxes
+    assert [len(b) for b in panels] == [len(rows), len(rows)]
+    for boxes in panels:
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                assert not (a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1)

@@ -33,6 +33,8 @@ def lisa(
     mask: Any | None = None,
     nesterov: bool = False,
     state: Literal["compact", "frozen"] = "compact",
+    units: Any | None = None,
+    frozen: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LISA: AdamW on the embeddings, the head and :math:`\gamma` random layers at a time.
 
@@ -66,6 +68,11 @@ def lisa(
       b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov: as in ``optax.adamw``
         (``mask`` selects the decayed weights).
       state: ``"compact"`` (LISA's: state only for the active layers) or ``"frozen"``.
+      units: leaves that join the draws as units of their own (embedding, head), as in
+        :func:`omgd_jax.omgd`: every phase then draws, uniformly from the
+        :math:`N_L/\gamma + E` labels, either :math:`\gamma` layers or one extra unit. None
+        (LISA's default): always trained.
+      frozen: leaves never trained (update zero, no state), as in :func:`omgd_jax.omgd`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -106,6 +113,8 @@ def lisa(
         scale=False,
         layers=layers,
         layers_per_phase=layers_per_phase,
+        units=units,
+        frozen=frozen,
     )
 
 
@@ -127,6 +136,8 @@ def lisa_wor(
     nesterov: bool = False,
     state: Literal["compact", "frozen"] = "compact",
     repartition: bool = True,
+    units: Any | None = None,
+    frozen: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LISA-wor (OMGD-layer, the paper's Algorithm 2): layers drawn without replacement.
 
@@ -148,6 +159,11 @@ def lisa_wor(
       b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov, state: as in :func:`lisa`.
       scale: multiply the active layers' gradients by :math:`N_L/\gamma` (default, the paper).
       repartition: a fresh partition every cycle (the paper) or one drawn once (released code).
+      units: leaves that join the traversal as units of their own (embedding, head, final
+        norm), as in :func:`omgd_jax.omgd`: a cycle is then :math:`M = N_L/\gamma + E`
+        phases, each layer and each extra unit trained (and, with ``scale``, scaled by M) in
+        exactly one of them. None (the paper's default): always trained, scale 1.
+      frozen: leaves never trained (update zero, no state), as in :func:`omgd_jax.omgd`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -187,6 +203,8 @@ def lisa_wor(
         layers=layers,
         layers_per_phase=layers_per_phase,
         repartition=repartition,
+        units=units,
+        frozen=frozen,
     )
 
 
