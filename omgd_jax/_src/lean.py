@@ -72,18 +72,26 @@ def active_layers(opt_state) -> jax.Array:
     `OmgdCompactState`, wherever it sits (``chain``, ``inject_hyperparams``, ``MultiSteps``).
     The ids are traced data, so one compiled step serves every phase.
     """
+    return _compact_field(
+        opt_state,
+        "omgd_layer_ids",
+        "active_layers: opt_state must hold exactly one layer-wise compact OMGD state "
+        "(omgd(..., granularity='layer', state='compact'), omgd_adamw, lisa or lisa_wor "
+        "with state='compact')",
+    )
+
+
+def _compact_field(opt_state, field: str, refusal: str) -> jax.Array:
+    """``field`` of the one `OmgdCompactState` in ``opt_state`` that holds it as an array (found
+    by type, wherever it sits); ``refusal`` and the count found otherwise."""
     found = [
-        s.omgd_layer_ids
+        getattr(s, field)
         for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OmgdCompactState))
         if isinstance(s, OmgdCompactState)
-        and isinstance(s.omgd_layer_ids, jax.Array | jax.ShapeDtypeStruct)
+        and isinstance(getattr(s, field), jax.Array | jax.ShapeDtypeStruct)
     ]
     if len(found) != 1:
-        raise ValueError(
-            "active_layers: opt_state must hold exactly one layer-wise compact OMGD state "
-            "(omgd(..., granularity='layer', state='compact'), omgd_adamw, lisa or lisa_wor "
-            f"with state='compact'); found {len(found)}"
-        )
+        raise ValueError(f"{refusal}; found {len(found)}")
     return found[0]
 
 
@@ -95,19 +103,13 @@ def active_unit(opt_state) -> jax.Array:
     type, as :func:`active_layers` finds the layer ids. While it is ``>= 0`` the layer ids are
     valid but not trained.
     """
-    found = [
-        s.omgd_unit
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OmgdCompactState))
-        if isinstance(s, OmgdCompactState)
-        and isinstance(s.omgd_unit, jax.Array | jax.ShapeDtypeStruct)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            "active_unit: opt_state must hold exactly one layer-wise compact OMGD state built "
-            "with units= (the lean step was given units=, so the optimizer must be too, with "
-            f"the same spec); found {len(found)}"
-        )
-    return found[0]
+    return _compact_field(
+        opt_state,
+        "omgd_unit",
+        "active_unit: opt_state must hold exactly one layer-wise compact OMGD state built "
+        "with units= (the lean step was given units=, so the optimizer must be too, with "
+        "the same spec)",
+    )
 
 
 def _plan(
