@@ -19,6 +19,30 @@ from jax.extend import core as jex_core
 CondWeights = Callable[[jex_core.JaxprEqn], Sequence[float] | None]
 
 
+def lean_layer_shares(n_layer: int, gamma: int) -> CondWeights:
+    """Branch weights of the lean backward's per-layer cond, averaged over the phases of a cycle.
+
+    With the input's cotangent needed (an embedding upstream trains) the cond has two branches,
+    (inactive, active), taken by 1 - gamma/N_L and gamma/N_L of the layers. Without it there is a
+    third, taken below the lowest active layer (no work): the gamma active layers of a phase are
+    a uniformly random gamma-subset of the N_L (a group of the cycle's random partition), whose
+    lowest index has mean (N_L - gamma) / (gamma + 1), so (below, inactive, active) =
+    ((N_L - gamma) / ((gamma + 1) N_L), the rest, gamma / N_L).
+    """
+    active = gamma / n_layer
+    below = (n_layer - gamma) / ((gamma + 1) * n_layer)
+
+    def weights(eqn):
+        n = len(eqn.params["branches"])
+        if n == 2:
+            return [1 - active, active]
+        if n == 3:
+            return [below, 1 - active - below, active]
+        return None
+
+    return weights
+
+
 def dot_flops(eqn) -> int:
     (contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape

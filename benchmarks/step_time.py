@@ -74,11 +74,10 @@ def step_flops(cfg, batch, gamma) -> dict[str, float]:
     """Matmul FLOPs of every step (abstract inputs)."""
     params, steps = build(cfg, gamma)
     xs = jax.ShapeDtypeStruct(batch, jnp.int32)
-    share = gamma / cfg.n_layer  # the lean backward's cond: (inactive, active) branches
+    weights = flops.lean_layer_shares(cfg.n_layer, gamma)
     out = {}
     for name, (step, tx) in steps.items():
         state = jax.eval_shape(tx.init, params)
-        weights = lambda eqn: [1 - share, share]  # noqa: E731
         out[name] = flops.count(step, params, state, xs, xs, cond_weights=weights)
     return out
 

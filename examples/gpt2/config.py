@@ -246,9 +246,10 @@ def finalize(cfg: Config) -> Config:
         if cfg.num_masks is None:
             cfg.num_masks = model.n_layer // max(g, 1) + extra
         elif (cfg.num_masks - extra) * g != model.n_layer:
+            minus = f" (minus its {extra} extra units)" if extra else ""
             raise ConfigError(
-                f"--num-masks {cfg.num_masks} (minus {extra} extra units) x --layers-per-phase "
-                f"{g} must equal the {model.n_layer} layers of {cfg.preset}"
+                f"--num-masks {cfg.num_masks}{minus} x --layers-per-phase {g} must equal the "
+                f"{model.n_layer} layers of {cfg.preset}"
             )
     elif cfg.num_masks is None:
         # element: the same 1/4 share as gamma = 3 of 12 layers; tensor: the paper's r = 0.5.

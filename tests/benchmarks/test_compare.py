@@ -63,7 +63,9 @@ def test_quick_comparison_writes_every_method_and_both_figures(byte_data, tmp_pa
     params = setting["param_bytes"]
     assert 2 * params <= recs["AdamW"]["opt_state_bytes"] < 2 * params + 64  # 2 moments, counts
     lean = [r for r in doc["records"] if r["train_step"] == "lean_train_step"]
-    assert [r["optimizer"] for r in lean] == ["omgd-layer", "lisa", "lisa-wor-noscale"]
+    assert [r["optimizer"] for r in lean] == [
+        "omgd-layer", "lisa", "lisa-wor-noscale", "omgd-layer-rotate", "omgd-layer-frozen-embedding"
+    ]  # fmt: skip
     for r in lean + [recs["OMGD-element (compact, M=4)"], recs["GaLore"], recs["MoFaSGD"]]:
         assert r["opt_state_bytes"] < recs["AdamW"]["opt_state_bytes"]
     # with remat the lean step keeps far less than its no-remat step (the committed table's test

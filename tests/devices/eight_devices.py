@@ -237,10 +237,10 @@ def test_every_transformation_of_the_library_is_listed():
     """The list above covers every transformation factory in omgd_jax.__all__ (the lean step
     has a test of its own below)."""
     covered = {name.split("-")[0] for name, _ in FACTORIES}
-    helpers = {"active_layers", "add_to_layers", "apply_layer_updates", "gather_layers",
-               "joint_traversal", "layer_view", "lean_train_step", "lean_value_and_grad",
-               "scan_layers", "scatter_layers", "static_args", "stiefel_projector",
-               "omgd_mask", "train_step"}  # fmt: skip
+    helpers = {"active_layers", "active_unit", "add_to_layers", "apply_layer_updates",
+               "gather_layers", "joint_traversal", "layer_view", "lean_train_step",
+               "lean_value_and_grad", "scan_layers", "scatter_layers", "static_args",
+               "stiefel_projector", "omgd_mask", "train_step"}  # fmt: skip
     public = {n for n in omgd_jax.__all__ if n[0].islower()}
     assert public - helpers <= covered, public - helpers - covered
 

@@ -274,6 +274,10 @@ def test_checkpoint_from_another_run_is_refused(data_dir, tmp_path):
         (["--warmup-masks", "-1"], "--warmup-masks must be >= 0"),
         (["--block-size", "4096"], "exceeds the tiny context 128"),
         (["--optimizer", "lisa", "--num-masks", "3"], "--num-masks 3 x --layers-per-phase 1"),
+        (
+            ["--optimizer", "omgd-layer-rotate", "--num-masks", "3"],
+            "--num-masks 3 (minus its 2 extra units) x --layers-per-phase 1",
+        ),
     ],
 )
 def test_bad_flags_exit_with_a_message(argv, message, capsys):
