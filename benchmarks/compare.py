@@ -107,19 +107,27 @@ LR_GRID = (1e-3, 2e-3, 4e-3)
 LOW = (5e-4, 1e-3, 2e-3, 4e-3)
 HIGH = (1e-3, 2e-3, 4e-3, 8e-3)
 HIGHER = (2e-3, 4e-3, 8e-3, 1.6e-2)  # chose 8e-3 on HIGH
+HIGHEST = (8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # chose 1.6e-2, the edge, on HIGHER
+# GPT-2 ties the head to wte, so freezing wte freezes the head (random logits' directions): the
+# blocks must grow the hidden state's scale themselves, and the best rate is far higher.
+TIED_FROZEN = (1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)  # chose 1.6e-2, the edge, on HIGHER
 LR_GRIDS = {
     "omgd-layer": LOW,
     "lisa": LOW,
     "lisa-wor-noscale": LOW,
     "omgd-layer-rotate": LOW,
-    "omgd-layer-frozen-embedding": HIGHER,  # chose 4e-3 on LOW
+    "omgd-layer-frozen-embedding": TIED_FROZEN,  # chose 4e-3, the edge, on LOW
     "omgd-element": LOW,
     "adamw": HIGH,
-    "galore": HIGHER,
-    "golore": HIGHER,
+    "galore": HIGHEST,
+    "golore": HIGHEST,
     "sift": HIGH,
     "magma-wor": HIGHER,
 }
+# Rows whose committed best rate is still at its grid's edge (issue 20 open): GoLore chose 6.4e-2
+# (2.360 at both 3.2e-2 and 6.4e-2), the frozen-embedding row 1.28e-1 (3.139, still falling).
+# The committed table's test holds this set equal to the JSON's edges, so it must shrink.
+OPEN_GRID_EDGES = frozenset({"golore", "omgd-layer-frozen-embedding"})
 QUICK_LR_GRID = (3e-3,)
 # --quick compiles the remat step of these only (each is one more compile, and the suite's time
 # is bounded); the full run measures every method's
