@@ -194,6 +194,16 @@ def measure(make_model, loss_fn, batch, gamma, only=None):
                 for path, x in jax.tree_util.tree_flatten_with_path(grads)[0]
                 if not frozen.search(jax.tree_util.keystr(path, simple=True, separator="/"))
             ]
+        if "units" in spec:  # the step keeps the extra units' gradients packed: the largest's
+            units, by_unit = re.compile(spec["units"]), {}
+            rest = []
+            for path, x in jax.tree_util.tree_flatten_with_path(grads)[0]:
+                m = units.search(jax.tree_util.keystr(path, simple=True, separator="/"))
+                if m:
+                    by_unit[m.group(1)] = by_unit.get(m.group(1), 0) + nbytes(x)
+                else:
+                    rest.append(x)
+            grads = rest + [jax.ShapeDtypeStruct((max(by_unit.values()),), jnp.uint8)]
         w, o, g = nbytes(params), nbytes(opt_state), nbytes(grads)
         yield {
             "method": name,

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import omgd_jax
 from omgd_jax._src import layers as layers_lib
+from omgd_jax._src import unit_slot
 from omgd_jax._src.schedule import MaskSchedule
 from tests.conftest import random_tree, stacked_tree
 
@@ -254,7 +255,16 @@ def test_compact_adam_restarts_a_units_moments_when_it_comes_back_as_a_layers_do
         params = optax.apply_updates(params, u)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        assert int(state.omgd_unit_state[0].count) == (t % 3) + 1  # restarted every phase
+        if unit >= 0:  # the unit's Adam, read out of the shared slot, restarted every phase
+            layout = unit_slot.slot_layout(adam.init, [
+                {k: params[k] if k == name else optax.MaskedNode() for k in params}
+                for name in plan.extra_names
+            ])  # fmt: skip
+            mine = unit_slot.read_unit(layout, state.omgd_unit_state, unit)
+            assert int(mine[0].count) == (t % 3) + 1
+            got, want = jax.tree.leaves(mine[0].mu), jax.tree.leaves(ref_phase[0].mu)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- jit, shapes, optax, state
@@ -401,8 +411,8 @@ def tree_bytes(tree):
 
 
 def test_compact_state_bytes_with_units_on_gpt2_shapes():
-    """This version keeps the extra units' state at full size: the same bytes as always-active
-    leaves (plus Adam's count and the unit index); frozen leaves take none."""
+    """The extra units share one slot: their state costs the largest unit's moments (plus its
+    Adam count and the unit index), not their sum; frozen leaves take none."""
     from tests.test_compact import gpt2_param_shapes
 
     shapes = gpt2_param_shapes()
@@ -414,8 +424,10 @@ def test_compact_state_bytes_with_units_on_gpt2_shapes():
         )
 
     base, units = size(), size(units=r"^(wte|wpe)/")
-    assert units == base + 8  # + Adam's int32 count of the unit state, + omgd_unit
-    wpe = math.prod(shapes["wpe"]["embedding"].shape)
+    wte, wpe = (math.prod(shapes[k]["embedding"].shape) for k in ("wte", "wpe"))
+    # base: two float32 moments of wte and of wpe; units: two of the larger (wte), + the
+    # slot's int32 Adam count, + omgd_unit
+    assert units == base - 8 * (wte + wpe) + 8 * max(wte, wpe) + 4 + 4
     assert size(frozen=r"^wpe/") == base - 8 * wpe  # no moments for a frozen leaf
 
 

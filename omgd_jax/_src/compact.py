@@ -23,11 +23,11 @@ so per-leaf callables of the inner optimizer (weight-decay masks, path filters) 
 * layer granularity: stacked leaves contribute their gamma active layers, shape
   (gamma, *rest); unrolled layers put slot s at the leaves of layer s (all layers must share one
   structure). The always-active leaves form a second, *dense* view.
-* extra units (``units=``, layer granularity): the leaves of all E extra units form a third
-  view, at full size (this first version keeps every extra unit's inner state in full; keeping
-  only the active unit's is later work). Its state restarts, as the layer view's does, whenever
-  the phase changes, and only the phase's unit sees a gradient and gets an update, so a unit's
-  moments start from zero each time it comes back, exactly as a layer's. ``frozen=`` leaves are
+* extra units (``units=``, layer granularity): each of the E extra units keeps its inner state in
+  one shared slot, a flat buffer per dtype as long as the largest unit's state (`unit_slot`): a
+  unit's state restarts, as the layer view's does, whenever its phase begins, so only the active
+  unit's is live. Only the phase's unit sees a gradient and gets an update, so a unit's moments
+  start from zero each time it comes back, exactly as a layer's. ``frozen=`` leaves are
   in no view: no inner state, and an update of zeros.
 
 Reading gathers a view from a full tree; writing scatters a view back into a full-size tree of
@@ -37,6 +37,7 @@ zeros (an update, so inactive coordinates do not move).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from omgd_jax._src import layers as layers_lib
-from omgd_jax._src import ordering
+from omgd_jax._src import ordering, unit_slot
 from omgd_jax._src.placeholder import NotParams, is_params_placeholder
 from omgd_jax._src.schedule import MaskSchedule, check_key
 from omgd_jax._src.transforms import check_units_record, init_mask_state, next_unit
@@ -78,8 +79,9 @@ class OmgdCompactState(NamedTuple):
     # trains (`omgd_jax.active_layers` reads it to build a lean step); EmptyState otherwise.
     omgd_shard_grid: Any  # element granularity: per leaf, uint8 zeros of shape ``(*grid, 1)``:
     # the shards along every axis its bands are cut inside (one byte a shard); else ().
-    omgd_unit_state: Any = optax.EmptyState()  # with units=: inner state of the extra units'
-    # leaves, full size (restarted at every phase change); EmptyState() without extra units.
+    omgd_unit_state: Any = optax.EmptyState()  # with units=: the extra units' inner state, one
+    # shared slot {dtype name: flat buffer} as long as the largest unit's (`unit_slot`; only the
+    # active unit's state is live, restarted at every phase change); EmptyState() without.
     omgd_unit: Any = optax.EmptyState()  # with units=: int32, the extra unit the next update
     # trains, -1 in a layers phase (a lean step reads it beside omgd_layer_ids); else EmptyState().
 
@@ -542,11 +544,6 @@ def _leaf_zeros(v):
     return sharded_zeros(v, leaf_sharding(v))
 
 
-def _role_view(xs, roles, role: str) -> list:
-    """The leaves of ``xs`` with role ``role``, MaskedNode elsewhere."""
-    return [x if r == role else MASKED for x, r in zip(xs, roles, strict=True)]
-
-
 def _same_shapes(a, b) -> bool:
     return jax.tree.map(jnp.shape, a) == jax.tree.map(jnp.shape, b)
 
@@ -599,8 +596,7 @@ def omgd_compact(
         if layer:
             dense_state = inner.init(trees.unflatten([_leaf_zeros(v) for v in dense]))
         if plan.num_extra:
-            extra = _role_view(leaves, plan.roles, layers_lib.EXTRA)
-            unit_state = inner.init(trees.unflatten([_leaf_zeros(v) for v in extra]))
+            unit_state = unit_slot.empty_slot(unit_layout(plan, leaves, trees))
         mask_key, step = mask_fields.omgd_key, mask_fields.omgd_step
         ids = next_layer_ids(plan, mask_key, step)
         record = () if layer else grid_record(grids)
@@ -663,18 +659,17 @@ def omgd_compact(
         if not _same_shapes(expected, state.omgd_active_state):
             raise ValueError("omgd: the update tree does not match the tree given to init")
         if plan.num_extra or layers_lib.FROZEN in plan.roles:  # frozen=/units= move leaves
-            parts = [(dense_shapes, state.omgd_dense_state)]
+            same = _same_shapes(jax.eval_shape(inner.init, unflat(dense_shapes)),
+                                state.omgd_dense_state)  # fmt: skip
             if plan.num_extra:  # frozen= alone: no unit state (EmptyState)
-                parts.append(
-                    (_role_view(leaves, plan.roles, layers_lib.EXTRA), state.omgd_unit_state)
+                layout = unit_layout(plan, p_leaves or leaves, trees)
+                same = same and unit_slot.slot_matches(layout, state.omgd_unit_state)
+            if not same:
+                raise ValueError(
+                    "omgd: the update tree does not match the tree given to init (the "
+                    "leaves of units= and frozen= differ from those the state was "
+                    "initialised with)"
                 )
-            for part, stored in parts:
-                if not _same_shapes(jax.eval_shape(inner.init, unflat(part)), stored):
-                    raise ValueError(
-                        "omgd: the update tree does not match the tree given to init (the "
-                        "leaves of units= and frozen= differ from those the state was "
-                        "initialised with)"
-                    )
 
         def take(xs):
             if lean:  # the stacked leaves are the views already
@@ -754,26 +749,93 @@ def omgd_compact(
         )
         return jax.tree.unflatten(treedef, out), new_state
 
+    def unit_layout(plan, leaves, trees) -> unit_slot.SlotLayout:
+        """Where each extra unit's inner state lives in the shared slot: the states of
+        ``inner.init`` on the unit's leaves (``leaves``: the parameters, as at init)."""
+        return unit_slot.slot_layout(
+            inner.init,
+            [
+                trees.unflatten(
+                    [
+                        jax.ShapeDtypeStruct(x.shape, x.dtype) if u == e else MASKED
+                        for x, u in zip(leaves, plan.unit_of, strict=True)
+                    ]
+                )
+                for e in range(plan.num_extra)
+            ],
+        )
+
     def unit_update(plan, leaves, p_leaves, state, active, reset, trees, **extra_args):
         """The extra units' step: only the phase's unit sees its (scaled) gradient and gets an
-        update; the state restarts whenever the phase changes, as the layer view's does."""
-        roles, unflat = plan.roles, trees.unflatten
-        on = [
-            active.unit == plan.unit_of[i] if r == layers_lib.EXTRA else None
-            for i, r in enumerate(roles)
+        update. Its inner state lives in the shared slot (`unit_slot`) and restarts whenever
+        the phase changes, as the layer view's does; a layers phase leaves the slot as it is.
+
+        One branch per kind of phase (``lax.switch``), so the inactive units get no inner
+        optimizer work. The branch hands its unit's update out packed in a buffer as long as
+        the largest unit (`unit_slot` again): a branch output is a buffer of its own, and one
+        full-size update per unit would cost as much as the state saved."""
+        unflat = trees.unflatten
+        layout = unit_layout(plan, p_leaves or leaves, trees)
+        units = range(plan.num_extra)
+        mine = [[u == e for u in plan.unit_of] for e in units]
+
+        # The phase's gradient enters the switch packed too (a branch's operands are buffers):
+        # one select over the units' flattened gradients, as long as the largest unit's.
+        g_layout = unit_slot.slot_layout(
+            lambda t: t,
+            [
+                [
+                    jax.ShapeDtypeStruct(x.shape, x.dtype)
+                    for x, m in zip(leaves, mine[e], strict=True)
+                    if m
+                ]
+                for e in units
+            ],
+        )
+        g_packed = unit_slot.select_units(
+            g_layout,
+            active.unit,
+            [[x for x, m in zip(leaves, mine[e], strict=True) if m] for e in units],
+        )
+
+        def unit_phase(e, slot, g_packed):
+            g_e = iter(unit_slot.read_unit(g_layout, g_packed, e))
+            g = [next(g_e) * active.factor if m else MASKED for m in mine[e]]
+            p = None
+            if p_leaves is not None:
+                p = [x if m else MASKED for x, m in zip(p_leaves, mine[e], strict=True)]
+            fresh = inner.init(unflat(p) if p is not None else _zeros(unflat(g)))
+            stored = unit_slot.read_unit(layout, slot, e)
+            old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, stored)
+            u, new = inner.update(unflat(g), old, unflat(p), **extra_args)
+            u = [x for x, m in zip(trees.flatten(u), mine[e], strict=True) if m]
+            return unit_slot.write_unit(layout, slot, e, new), u
+
+        slot = state.omgd_unit_state
+        shapes = [
+            jax.eval_shape(lambda s, g, e=e: unit_phase(e, s, g)[1], slot, g_packed) for e in units
         ]
-        g = [
-            MASKED if a is None else jnp.where(a, x * active.factor, jnp.zeros((), x.dtype))
-            for x, a in zip(leaves, on, strict=True)
-        ]
-        p = None if p_leaves is None else _role_view(p_leaves, roles, layers_lib.EXTRA)
-        fresh = inner.init(unflat(p) if p is not None else _zeros(unflat(g)))
-        old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_unit_state)
-        u, new = inner.update(unflat(g), old, None if p is None else unflat(p), **extra_args)
-        u = [
-            None if a is None else jnp.where(a, x, jnp.zeros((), x.dtype))
-            for x, a in zip(trees.flatten(u), on, strict=True)
-        ]
-        return u, new
+        packing = unit_slot.slot_layout(lambda t: t, shapes)
+
+        def branch(e, slot, g_packed):
+            if e is None:  # a layers phase
+                return slot, unit_slot.empty_slot(packing)
+            slot, u = unit_phase(e, slot, g_packed)
+            return slot, unit_slot.write_unit(packing, unit_slot.empty_slot(packing), e, u)
+
+        new, packed = jax.lax.switch(
+            jnp.asarray(active.unit, jnp.int32) + 1,
+            [functools.partial(branch, e) for e in (None, *units)],
+            slot,
+            g_packed,
+        )
+        out = [None] * len(leaves)
+        for e in units:
+            u = iter(unit_slot.read_unit(packing, packed, e))
+            for i, m in enumerate(mine[e]):
+                if m:
+                    x = next(u)
+                    out[i] = jnp.where(active.unit == e, x, jnp.zeros((), x.dtype))
+        return out, new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

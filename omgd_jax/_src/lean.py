@@ -26,7 +26,7 @@ import optax
 from jax.custom_derivatives import SymbolicZero
 
 from omgd_jax._src import layers as layers_lib
-from omgd_jax._src import ordering
+from omgd_jax._src import ordering, unit_slot
 from omgd_jax._src.compact import LayerIds, OmgdCompactState
 from omgd_jax._src.layer_scan import Registry, add_to_layers, leaf_names, take, train_only
 
@@ -161,12 +161,59 @@ def layer_view(
 
 def _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
     """(value, grads) of ``fun``: the always-active leaves, the stack's views (a layers phase)
-    and the leaves of extra unit ``unit`` (its phase) differentiated; frozen leaves never.
+    and the leaves of extra unit ``unit`` (its phase) differentiated; frozen leaves never."""
+    value, parts = _value_and_grad_parts(fun, plan, has_aux, params, ids, args, kwargs, unit)
+    return value, _grads_of_parts(plan, params, parts, unit)
+
+
+def _unit_layout(plan, leaves) -> unit_slot.SlotLayout:
+    """The extra units' gradients packed in one buffer per dtype as long as the largest unit's."""
+    return unit_slot.slot_layout(
+        lambda t: t,
+        [
+            [
+                jax.ShapeDtypeStruct(x.shape, x.dtype)
+                for x, u in zip(leaves, plan.unit_of, strict=True)
+                if u == e
+            ]
+            for e in range(plan.num_extra)
+        ],
+    )
+
+
+def _grads_of_parts(plan, params, parts, unit):
+    """The gradient tree of `_value_and_grad_parts`' parts: the extra units' leaves read out of
+    the packed buffer (zeros but in their phase: elementwise selects, which consumers fuse),
+    frozen and non-float leaves zeros."""
+    leaves, treedef = jax.tree.flatten(params)
+    got, packed = parts
+    out = dict(got)
+    if plan.num_extra:
+        unit = jnp.asarray(unit, jnp.int32)
+        layout = _unit_layout(plan, leaves)
+        for e in range(plan.num_extra):
+            mine = iter(unit_slot.read_unit(layout, packed, e))
+            for i, u in enumerate(plan.unit_of):
+                if u == e:
+                    g = next(mine)
+                    out[i] = jnp.where(unit == e, g, jnp.zeros((), g.dtype))
+    # Frozen and non-float leaves: zeros, never differentiated (the compact update reads only
+    # their shape; a zero of no consumer costs nothing).
+    full = [out[i] if i in out else jnp.zeros_like(x) for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, full)
+
+
+def _value_and_grad_parts(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
+    """(value, (grads, packed)): ``grads`` maps leaf index to gradient for the always-active
+    leaves and the stack's views; ``packed`` the extra units' gradients in one buffer per dtype
+    (`_unit_layout`; {} without extra units). Arrays only, so micro-batches sum them as they are.
 
     Without extra units (``plan.num_extra == 0``) one differentiation; with them, one per kind
     of phase (layers, unit 0, ..., unit E-1), run by a ``lax.switch`` on ``unit + 1``: each
     branch differentiates only what its phase trains, so an inactive unit gets no gradient
-    work, and the other leaves' gradients are zeros.
+    work, and the other leaves' gradients are zeros. A branch's outputs are buffers of their
+    own, so the phase's unit hands its gradient out packed in a buffer as long as the largest
+    unit's, not one full-size buffer per unit.
     """
     leaves, treedef = jax.tree.flatten(params)
     roles = plan.roles
@@ -216,35 +263,29 @@ def _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
 
     if not plan.num_extra:
         value, got = grads_of(None)
-    else:
-        # Every branch gives the same leaves: what it trained, zeros for the rest.
-        shared = [
-            i
-            for i, r in enumerate(roles)
-            if r in (layers_lib.ALWAYS, layers_lib.STACKED, layers_lib.EXTRA)
-        ]
+        return value, (got, {})
+    # Every branch gives the same outputs: what it trained, zeros for the rest.
+    shared = [i for i, r in enumerate(roles) if r in (layers_lib.ALWAYS, layers_lib.STACKED)]
+    layout = _unit_layout(plan, leaves)
 
-        def branch(kind):
-            value, got = grads_of(kind)
-            return value, [
-                got[i]
-                if i in got
-                else view_zeros(i)
-                if roles[i] == layers_lib.STACKED
-                else jnp.zeros_like(leaves[i])
-                for i in shared
-            ]
+    def branch(kind):
+        value, got = grads_of(kind)
+        packed = unit_slot.empty_slot(layout)
+        if kind is not None:
+            mine = [got[i] for i, u in enumerate(plan.unit_of) if u == kind]
+            packed = unit_slot.write_unit(layout, packed, kind, mine)
+        return value, [
+            got[i] if i in got else view_zeros(i) if roles[i] == layers_lib.STACKED
+            else jnp.zeros_like(leaves[i])
+            for i in shared
+        ], packed  # fmt: skip
 
-        value, g = jax.lax.switch(
-            jnp.asarray(unit, jnp.int32) + 1,
-            [functools.partial(branch, None)]
-            + [functools.partial(branch, e) for e in range(plan.num_extra)],
-        )
-        got = dict(zip(shared, g, strict=True))
-    # Frozen and non-float leaves: zeros, never differentiated (the compact update reads only
-    # their shape; a zero of no consumer costs nothing).
-    out = [got[i] if i in got else jnp.zeros_like(x) for i, x in enumerate(leaves)]
-    return value, jax.tree.unflatten(treedef, out)
+    value, g, packed = jax.lax.switch(
+        jnp.asarray(unit, jnp.int32) + 1,
+        [functools.partial(branch, None)]
+        + [functools.partial(branch, e) for e in range(plan.num_extra)],
+    )
+    return value, (dict(zip(shared, g, strict=True)), packed)
 
 
 def lean_value_and_grad(
@@ -531,11 +572,13 @@ def lean_train_step(
         plan = _plan(params, layers, units, frozen)  # once per trace
         ids = active_layers(opt_state)
         unit = active_unit(opt_state) if plan.num_extra else None
-        value, grads = _accumulate(
-            lambda *a: _value_and_grad(loss_fn, plan, has_aux, params, ids, a, {}, unit),
+        # Micro-batches sum the parts: the extra units' gradients stay packed in the carry.
+        value, parts = _accumulate(
+            lambda *a: _value_and_grad_parts(loss_fn, plan, has_aux, params, ids, a, {}, unit),
             microbatches,
             args,
         )
+        grads = _grads_of_parts(plan, params, parts, unit)
         stacked = [
             g
             for g, r in zip(jax.tree.leaves(grads), plan.roles, strict=True)

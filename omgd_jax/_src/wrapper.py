@@ -128,9 +128,10 @@ def omgd(
       in fixed-size buffers (element granularity: a window of ceil(n/M) coordinates per leaf;
       layer granularity: the gamma active layers, plus the always-active leaves), and is
       re-initialised, counters included, whenever the active mask changes. Optimizer memory is
-      about 1/M of the inner optimizer's. Extra units (``units=``) keep their inner state at
-      full size in this version (``omgd_unit_state``, restarted at every phase change, so a
-      unit's moments start from zero whenever it comes back, as a layer's do); the state
+      about 1/M of the inner optimizer's. Extra units (``units=``) share one inner-state slot
+      as large as the largest unit's state (``omgd_unit_state``: only the active unit's state
+      is live, restarted at every phase change, so a unit's moments start from zero whenever
+      it comes back, as a layer's do; the inner state must be numeric arrays); the state
       records the unit the next update trains in ``omgd_unit`` (-1: a layers phase).
       Supports ``granularity`` "element" (with ``layout="contiguous"`` or ``"strided"``) and
       "layer", and ``warmup_steps=0`` (warm up with ``inner`` alone, then switch, as

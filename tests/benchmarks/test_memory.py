@@ -85,6 +85,16 @@ def test_rotate_row_is_one_program_for_every_phase(rows):
     assert {r["phase"] for m, r in rows.items() if "rotate" not in m} == {"layers"}
 
 
+def test_rotate_row_keeps_the_moments_of_one_extra_unit_not_of_both(rows):
+    """The embedding and the (untied) head are units of the traversal: their Adam moments
+    share one slot as large as the larger of the two, where the always-active row keeps both
+    (the figure that did not drop before the slot: the same bytes as the always-active row)."""
+    lean, rotate = rows["omgd-layer lean (gamma=1)"], rows["omgd-layer-rotate lean (gamma=1)"]
+    embedding = 512 * 128 * 4  # = the head's bytes
+    assert 0 <= rotate["optimizer"] - (lean["optimizer"] - 2 * embedding) < 64
+    assert rotate["argument"] < lean["argument"] - 1.9 * embedding
+
+
 def test_llama_31_8b_rows_add_the_rotate_and_frozen_embedding_rows():
     specs = {m[0]: m for m in memory.models()}
     spec = specs["llama-3.1-8b 16x256 fp16"]

@@ -1,0 +1,94 @@
+"""The extra units' shared slot (`omgd_jax/_src/unit_slot.py`): layout, round trips, selects."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omgd_jax._src import unit_slot
+
+MASKED = optax.MaskedNode()
+
+
+def test_layout_of_adam_states_is_as_long_as_the_largest_unit_hand_checked():
+    """wte (5, 3) and head (3,): Adam keeps mu and nu (float32) and a count (int32) per unit;
+    the slot holds 2 * 15 floats (wte's) and one int, not 2 * (15 + 3) and two."""
+    trees = [{"wte": jnp.ones((5, 3)), "head": MASKED}, {"wte": MASKED, "head": jnp.ones(3)}]
+    layout = unit_slot.slot_layout(optax.adam(0.1).init, trees)
+    assert dict(layout.sizes) == {"float32": 30, "int32": 1}
+    slot = unit_slot.empty_slot(layout)
+    assert {k: v.shape for k, v in slot.items()} == {"float32": (30,), "int32": (1,)}
+    # count first, then mu's leaf, then nu's: offsets per dtype, in leaf order
+    assert [(e.dtype, e.offset, e.shape) for e in layout.entries[0]] == [
+        ("int32", 0, ()), ("float32", 0, (5, 3)), ("float32", 15, (5, 3))
+    ]  # fmt: skip
+    assert unit_slot.slot_matches(layout, slot)
+    assert not unit_slot.slot_matches(layout, {"float32": jnp.zeros(30)})
+    assert not unit_slot.slot_matches(layout, {**slot, "float32": jnp.zeros(29)})
+
+
+def test_a_unit_reads_back_what_it_wrote_and_the_state_keeps_its_structure():
+    tx = optax.adam(0.1)
+    trees = [{"a": jnp.ones((4, 2)), "b": MASKED}, {"a": MASKED, "b": jnp.ones(3)}]
+    layout = unit_slot.slot_layout(tx.init, trees)
+    slot = unit_slot.empty_slot(layout)
+    state = tx.init(trees[1])
+    _, state = tx.update({"a": MASKED, "b": jnp.arange(3.0)}, state)
+    slot = jax.jit(lambda s, x: unit_slot.write_unit(layout, s, 1, x))(slot, state)
+    back = unit_slot.read_unit(layout, slot, 1)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert int(back[0].count) == 1
+
+
+def test_select_units_picks_the_phase_unit_and_zeros_in_a_layers_phase():
+    trees = [[jnp.full((2, 2), 1.0)], [jnp.full((3,), 2.0)]]
+    layout = unit_slot.slot_layout(lambda t: t, trees)
+    assert dict(layout.sizes) == {"float32": 4}
+    pick = jax.jit(lambda u: unit_slot.select_units(layout, u, trees))
+    np.testing.assert_array_equal(pick(0)["float32"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(pick(1)["float32"], [2, 2, 2, 0])
+    np.testing.assert_array_equal(pick(-1)["float32"], [0, 0, 0, 0])
+    np.testing.assert_array_equal(unit_slot.read_unit(layout, pick(1), 1)[0], [2, 2, 2])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4), st.sampled_from(["f", "i"])),
+                 min_size=1, max_size=3),
+        min_size=1, max_size=3,
+    )
+)  # fmt: skip
+def test_every_unit_round_trips_whatever_its_shapes_and_dtypes(units):
+    """Each unit's tree, written into the slot and read back, is itself; the slot is as long
+    per dtype as the largest unit's share of that dtype."""
+    dtypes = {"f": jnp.float32, "i": jnp.int32}
+    trees = [
+        [jnp.arange(r * c, dtype=dtypes[d]).reshape((r, c)) + 7 * k for r, c, d in leaves]
+        for k, leaves in enumerate(units)
+    ]
+    layout = unit_slot.slot_layout(lambda t: t, trees)
+    for name, n in layout.sizes:
+        want = max(sum(x.size for x in t if x.dtype == jnp.dtype(name)) for t in trees)
+        assert n == max(want, 1)
+    for e, tree in enumerate(trees):
+        slot = unit_slot.write_unit(layout, unit_slot.empty_slot(layout), e, tree)
+        for a, b in zip(unit_slot.read_unit(layout, slot, e), tree, strict=True):
+            np.testing.assert_array_equal(a, b)
+        picked = unit_slot.select_units(layout, e, trees)
+        for a, b in zip(unit_slot.read_unit(layout, picked, e), tree, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_state_holding_a_prng_key_is_refused_with_a_sentence():
+    def init(tree):
+        return {"key": jax.random.key(0), "m": jnp.zeros_like(tree)}
+
+    with pytest.raises(ValueError, match="cannot hold the PRNG key"):
+        unit_slot.slot_layout(init, [jnp.ones(3)])
