@@ -781,17 +781,7 @@ def omgd_compact(
 
         # The phase's gradient enters the switch packed too (a branch's operands are buffers):
         # one select over the units' flattened gradients, as long as the largest unit's.
-        g_layout = unit_slot.slot_layout(
-            lambda t: t,
-            [
-                [
-                    jax.ShapeDtypeStruct(x.shape, x.dtype)
-                    for x, m in zip(leaves, mine[e], strict=True)
-                    if m
-                ]
-                for e in units
-            ],
-        )
+        g_layout = unit_slot.leaves_layout(leaves, plan.unit_of)
         g_packed = unit_slot.select_units(
             g_layout,
             active.unit,
@@ -829,13 +819,7 @@ def omgd_compact(
             slot,
             g_packed,
         )
-        out = [None] * len(leaves)
-        for e in units:
-            u = iter(unit_slot.read_unit(packing, packed, e))
-            for i, m in enumerate(mine[e]):
-                if m:
-                    x = next(u)
-                    out[i] = jnp.where(active.unit == e, x, jnp.zeros((), x.dtype))
-        return out, new
+        u = unit_slot.unpack_active(packing, packed, active.unit, plan.unit_of)
+        return [u.get(i) for i in range(len(leaves))], new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

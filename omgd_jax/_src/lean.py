@@ -166,21 +166,6 @@ def _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
     return value, _grads_of_parts(plan, params, parts, unit)
 
 
-def _unit_layout(plan, leaves) -> unit_slot.SlotLayout:
-    """The extra units' gradients packed in one buffer per dtype as long as the largest unit's."""
-    return unit_slot.slot_layout(
-        lambda t: t,
-        [
-            [
-                jax.ShapeDtypeStruct(x.shape, x.dtype)
-                for x, u in zip(leaves, plan.unit_of, strict=True)
-                if u == e
-            ]
-            for e in range(plan.num_extra)
-        ],
-    )
-
-
 def _grads_of_parts(plan, params, parts, unit):
     """The gradient tree of `_value_and_grad_parts`' parts: the extra units' leaves read out of
     the packed buffer (zeros but in their phase: elementwise selects, which consumers fuse),
@@ -189,14 +174,8 @@ def _grads_of_parts(plan, params, parts, unit):
     got, packed = parts
     out = dict(got)
     if plan.num_extra:
-        unit = jnp.asarray(unit, jnp.int32)
-        layout = _unit_layout(plan, leaves)
-        for e in range(plan.num_extra):
-            mine = iter(unit_slot.read_unit(layout, packed, e))
-            for i, u in enumerate(plan.unit_of):
-                if u == e:
-                    g = next(mine)
-                    out[i] = jnp.where(unit == e, g, jnp.zeros((), g.dtype))
+        layout = unit_slot.leaves_layout(leaves, plan.unit_of)
+        out |= unit_slot.unpack_active(layout, packed, unit, plan.unit_of)
     # Frozen and non-float leaves: zeros, never differentiated (the compact update reads only
     # their shape; a zero of no consumer costs nothing).
     full = [out[i] if i in out else jnp.zeros_like(x) for i, x in enumerate(leaves)]
@@ -206,7 +185,8 @@ def _grads_of_parts(plan, params, parts, unit):
 def _value_and_grad_parts(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
     """(value, (grads, packed)): ``grads`` maps leaf index to gradient for the always-active
     leaves and the stack's views; ``packed`` the extra units' gradients in one buffer per dtype
-    (`_unit_layout`; {} without extra units). Arrays only, so micro-batches sum them as they are.
+    (`unit_slot.leaves_layout`; {} without extra units). Arrays only, so micro-batches sum
+    them as they are.
 
     Without extra units (``plan.num_extra == 0``) one differentiation; with them, one per kind
     of phase (layers, unit 0, ..., unit E-1), run by a ``lax.switch`` on ``unit + 1``: each
@@ -266,7 +246,7 @@ def _value_and_grad_parts(fun, plan, has_aux, params, ids, args, kwargs, unit=No
         return value, (got, {})
     # Every branch gives the same outputs: what it trained, zeros for the rest.
     shared = [i for i, r in enumerate(roles) if r in (layers_lib.ALWAYS, layers_lib.STACKED)]
-    layout = _unit_layout(plan, leaves)
+    layout = unit_slot.leaves_layout(leaves, plan.unit_of)
 
     def branch(kind):
         value, got = grads_of(kind)

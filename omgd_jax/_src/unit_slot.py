@@ -64,6 +64,38 @@ def slot_layout(init, unit_trees) -> SlotLayout:
     )
 
 
+def leaves_layout(leaves, unit_of) -> SlotLayout:
+    """The layout of the units' own leaves: unit e holds the leaves ``i`` with ``unit_of[i] == e``
+    (-1: no unit), in order (to pack a gradient or an update of the active unit)."""
+    units = range(max(unit_of, default=-1) + 1)
+    return slot_layout(
+        lambda t: t,
+        [
+            [
+                jax.ShapeDtypeStruct(x.shape, x.dtype)
+                for x, u in zip(leaves, unit_of, strict=True)
+                if u == e
+            ]
+            for e in units
+        ],
+    )
+
+
+def unpack_active(layout: SlotLayout, packed, unit, unit_of) -> dict[int, jax.Array]:
+    """Leaf index -> its value read out of ``packed`` where its unit is ``unit``, zeros where
+    not (elementwise selects, which consumers fuse): the inverse of packing the active unit's
+    leaves (``unit_of`` as for `leaves_layout`)."""
+    unit = jnp.asarray(unit, jnp.int32)
+    out = {}
+    for e in range(len(layout.entries)):
+        values = iter(read_unit(layout, packed, e))
+        for i, u in enumerate(unit_of):
+            if u == e:
+                x = next(values)
+                out[i] = jnp.where(unit == e, x, jnp.zeros((), x.dtype))
+    return out
+
+
 def empty_slot(layout: SlotLayout) -> dict[str, jax.Array]:
     """The slot's buffers, zeros: ``{dtype name: [length]}``."""
     return {name: jnp.zeros((n,), name) for name, n in layout.sizes}
