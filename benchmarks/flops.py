@@ -43,6 +43,27 @@ def lean_layer_shares(n_layer: int, gamma: int) -> CondWeights:
     return weights
 
 
+def lean_cycle_shares(n_layer: int, gamma: int, num_extra: int = 0) -> CondWeights:
+    """Branch weights averaged over a whole cycle of a traversal with ``num_extra`` units
+    beyond the layers (``units=``): the lean step's switch over the kinds of phase (named
+    ``omgd_phase``, branches: layers, unit 0, ..., unit E-1) takes its layers branch in
+    N_L / gamma of the cycle's N_L / gamma + E phases and each unit's in one; inside the layers
+    branch the per-layer cond is weighted as `lean_layer_shares` weights it."""
+    from omgd_jax._src.lean import PHASE_SCOPE
+
+    layer = lean_layer_shares(n_layer, gamma)
+    phases = n_layer // gamma
+    total = phases + num_extra
+
+    def weights(eqn):
+        scope = str(eqn.source_info.name_stack).split("/")
+        if PHASE_SCOPE in scope and len(eqn.params["branches"]) == num_extra + 1:
+            return [phases / total] + [1 / total] * num_extra
+        return layer(eqn)
+
+    return weights
+
+
 def dot_flops(eqn) -> int:
     (contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape

@@ -194,16 +194,20 @@ def measure(make_model, loss_fn, batch, gamma, only=None):
                 for path, x in jax.tree_util.tree_flatten_with_path(grads)[0]
                 if not frozen.search(jax.tree_util.keystr(path, simple=True, separator="/"))
             ]
-        if "units" in spec:  # the step keeps the extra units' gradients packed: the largest's
-            units, by_unit = re.compile(spec["units"]), {}
+        if "units" in spec:
+            # The step hands the phase's gradient out packed: the stack's views or one unit's
+            # leaves in one buffer, as long as the largest of them.
+            units, layers, by_part = re.compile(spec["units"]), re.compile(LAYERS), {}
             rest = []
             for path, x in jax.tree_util.tree_flatten_with_path(grads)[0]:
-                m = units.search(jax.tree_util.keystr(path, simple=True, separator="/"))
-                if m:
-                    by_unit[m.group(1)] = by_unit.get(m.group(1), 0) + nbytes(x)
-                else:
+                leaf = jax.tree_util.keystr(path, simple=True, separator="/")
+                m = units.search(leaf)
+                part = m.group(1) if m else "layers" if layers.search(leaf) else None
+                if part is None:
                     rest.append(x)
-            grads = rest + [jax.ShapeDtypeStruct((max(by_unit.values()),), jnp.uint8)]
+                else:
+                    by_part[part] = by_part.get(part, 0) + nbytes(x)
+            grads = rest + [jax.ShapeDtypeStruct((max(by_part.values()),), jnp.uint8)]
         w, o, g = nbytes(params), nbytes(opt_state), nbytes(grads)
         yield {
             "method": name,

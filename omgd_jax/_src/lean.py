@@ -30,6 +30,10 @@ from omgd_jax._src import ordering, unit_slot
 from omgd_jax._src.compact import LayerIds, OmgdCompactState
 from omgd_jax._src.layer_scan import Registry, add_to_layers, leaf_names, take, train_only
 
+# The name scope of the lean step's switch over the kinds of phase (layers, unit 0, ...,
+# unit E-1) with units=; `benchmarks/flops.py` weights its branches by their share of a cycle.
+PHASE_SCOPE = "omgd_phase"
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _guard(paths, token, leaves):
@@ -163,37 +167,58 @@ def _value_and_grad(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
     """(value, grads) of ``fun``: the always-active leaves, the stack's views (a layers phase)
     and the leaves of extra unit ``unit`` (its phase) differentiated; frozen leaves never."""
     value, parts = _value_and_grad_parts(fun, plan, has_aux, params, ids, args, kwargs, unit)
-    return value, _grads_of_parts(plan, params, parts, unit)
+    return value, _grads_of_parts(plan, params, parts, ids, unit)
 
 
-def _grads_of_parts(plan, params, parts, unit):
-    """The gradient tree of `_value_and_grad_parts`' parts: the extra units' leaves read out of
-    the packed buffer (zeros but in their phase: elementwise selects, which consumers fuse),
-    frozen and non-float leaves zeros."""
+def _grads_of_parts(plan, params, parts, ids, unit):
+    """The gradient tree of `_value_and_grad_parts`' parts: the stack's views and the extra
+    units' leaves read out of the packed buffer (zeros but in their phase: elementwise
+    selects, which consumers fuse), frozen and non-float leaves zeros."""
     leaves, treedef = jax.tree.flatten(params)
     got, packed = parts
     out = dict(got)
     if plan.num_extra:
-        layout = unit_slot.leaves_layout(leaves, plan.unit_of)
-        out |= unit_slot.unpack_active(layout, packed, unit, plan.unit_of)
+        layout, part_of = _phase_layout(plan, leaves, ids)
+        out |= unit_slot.unpack_active(layout, packed, jnp.asarray(unit, jnp.int32) + 1, part_of)
     # Frozen and non-float leaves: zeros, never differentiated (the compact update reads only
     # their shape; a zero of no consumer costs nothing).
     full = [out[i] if i in out else jnp.zeros_like(x) for i, x in enumerate(leaves)]
     return jax.tree.unflatten(treedef, full)
 
 
+def _phase_layout(plan, leaves, ids):
+    """The packed buffer the kinds of phase hand their gradient out in (``unit_slot``, flat):
+    part 0 the stack's ``[gamma, ...]`` views (a layers phase), part e + 1 the leaves of extra
+    unit e; and every leaf's part (-1: in no part)."""
+    part_of = [
+        0 if r == layers_lib.STACKED else plan.unit_of[i] + 1 if r == layers_lib.EXTRA else -1
+        for i, r in enumerate(plan.roles)
+    ]
+    shape = lambda i: (  # noqa: E731
+        (ids.shape[0],) + leaves[i].shape[1:] if plan.roles[i] == layers_lib.STACKED
+        else leaves[i].shape
+    )  # fmt: skip
+    parts = [
+        [jax.ShapeDtypeStruct(shape(i), leaves[i].dtype) for i, q in enumerate(part_of) if q == k]
+        for k in range(plan.num_extra + 1)
+    ]
+    return unit_slot.slot_layout(lambda t: t, parts, flat=True), part_of
+
+
 def _value_and_grad_parts(fun, plan, has_aux, params, ids, args, kwargs, unit=None):
     """(value, (grads, packed)): ``grads`` maps leaf index to gradient for the always-active
-    leaves and the stack's views; ``packed`` the extra units' gradients in one buffer per dtype
-    (`unit_slot.leaves_layout`; {} without extra units). Arrays only, so micro-batches sum
-    them as they are.
+    leaves; ``packed`` what the phase trains, the stack's ``[gamma, ...]`` views or the leaves
+    of one extra unit, in one buffer per dtype as long as the largest of them
+    (`_phase_layout`; without extra units, ``grads`` holds the views too and ``packed`` is
+    {}). Arrays only, so micro-batches sum them as they are.
 
     Without extra units (``plan.num_extra == 0``) one differentiation; with them, one per kind
     of phase (layers, unit 0, ..., unit E-1), run by a ``lax.switch`` on ``unit + 1``: each
     branch differentiates only what its phase trains, so an inactive unit gets no gradient
     work, and the other leaves' gradients are zeros. A branch's outputs are buffers of their
-    own, so the phase's unit hands its gradient out packed in a buffer as long as the largest
-    unit's, not one full-size buffer per unit.
+    own, so the phase hands its gradient out packed in one buffer as long as the largest
+    part, not a buffer for the views and a full-size one per unit (all of them allocated in
+    every phase).
     """
     leaves, treedef = jax.tree.flatten(params)
     roles = plan.roles
@@ -244,28 +269,27 @@ def _value_and_grad_parts(fun, plan, has_aux, params, ids, args, kwargs, unit=No
     if not plan.num_extra:
         value, got = grads_of(None)
         return value, (got, {})
-    # Every branch gives the same outputs: what it trained, zeros for the rest.
-    shared = [i for i, r in enumerate(roles) if r in (layers_lib.ALWAYS, layers_lib.STACKED)]
-    layout = unit_slot.leaves_layout(leaves, plan.unit_of)
+    # Every branch gives the same outputs: the always-active leaves' gradients, and what the
+    # phase trains (the views or a unit's leaves) packed in one buffer as long as the largest
+    # part: a branch's outputs are buffers of their own, and separate outputs for the views
+    # and every unit would all be allocated in every phase.
+    always = [i for i, r in enumerate(roles) if r == layers_lib.ALWAYS]
+    layout, part_of = _phase_layout(plan, leaves, ids)
 
     def branch(kind):
         value, got = grads_of(kind)
-        packed = unit_slot.empty_slot(layout)
-        if kind is not None:
-            mine = [got[i] for i, u in enumerate(plan.unit_of) if u == kind]
-            packed = unit_slot.write_unit(layout, packed, kind, mine)
-        return value, [
-            got[i] if i in got else view_zeros(i) if roles[i] == layers_lib.STACKED
-            else jnp.zeros_like(leaves[i])
-            for i in shared
-        ], packed  # fmt: skip
+        part = 0 if kind is None else kind + 1
+        mine = [got[i] for i, q in enumerate(part_of) if q == part]
+        packed = unit_slot.write_unit(layout, unit_slot.empty_slot(layout), part, mine)
+        return value, [got[i] for i in always], packed
 
-    value, g, packed = jax.lax.switch(
-        jnp.asarray(unit, jnp.int32) + 1,
-        [functools.partial(branch, None)]
-        + [functools.partial(branch, e) for e in range(plan.num_extra)],
-    )
-    return value, (dict(zip(shared, g, strict=True)), packed)
+    with jax.named_scope(PHASE_SCOPE):  # names the switch in jaxprs and profiles
+        value, g, packed = jax.lax.switch(
+            jnp.asarray(unit, jnp.int32) + 1,
+            [functools.partial(branch, None)]
+            + [functools.partial(branch, e) for e in range(plan.num_extra)],
+        )
+    return value, (dict(zip(always, g, strict=True)), packed)
 
 
 def lean_value_and_grad(
@@ -558,7 +582,7 @@ def lean_train_step(
             microbatches,
             args,
         )
-        grads = _grads_of_parts(plan, params, parts, unit)
+        grads = _grads_of_parts(plan, params, parts, ids, unit)
         stacked = [
             g
             for g, r in zip(jax.tree.leaves(grads), plan.roles, strict=True)

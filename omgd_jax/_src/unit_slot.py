@@ -2,10 +2,14 @@
 
 Only the active unit's inner state is ever read: a unit's state restarts whenever its phase
 begins, so what the other units' states hold is dead. The compact state therefore keeps one
-*slot* per dtype, a flat buffer as long as the largest unit's state of that dtype, and a
-unit's phase reads its state out of the slot (static slices, reshaped) and writes it back.
-The state of E units costs what the largest one's does, not their sum (Llama-3.1-8B: the
-embedding's, not the embedding's and the head's).
+*slot*: flat buffers, one per state-leaf position (a unit's leaves of a dtype, largest first),
+each as long as the largest leaf any unit puts there, and a unit's phase reads its state out
+of the slot (reshapes, or static slices for a smaller unit) and writes it back. The state of E
+units costs what the largest one's does, not their sum (Llama-3.1-8B: the embedding's, not the
+embedding's and the head's), and a unit that fills the buffers is updated in place.
+
+The same layouts pack a gradient or an update handed out of a branch (``flat=True``: one
+buffer per dtype, a unit's leaves one after another).
 
 The layout is static: from ``jax.eval_shape(inner.init, unit_tree)`` for every unit, so the
 slot works for any inner optimizer whose state is numeric arrays (moments, counts, factors):
@@ -22,28 +26,41 @@ import jax.numpy as jnp
 
 
 class SlotEntry(NamedTuple):
-    dtype: str  # the slot buffer (its dtype's name) this state leaf lives in
-    offset: int  # first element of the leaf in that buffer
+    buffer: str  # the buffer this leaf lives in: "<dtype name>:<position>"
+    offset: int  # its first element in that buffer
     shape: tuple[int, ...]
 
 
 class SlotLayout(NamedTuple):
-    """Where every leaf of every unit's inner state lives in the slot (static)."""
+    """Where every leaf of every unit's tree lives in the buffers (static)."""
 
-    treedefs: tuple[Any, ...]  # per unit: the treedef of its inner state
-    entries: tuple[tuple[SlotEntry, ...], ...]  # per unit: one entry per state leaf
-    sizes: tuple[tuple[str, int], ...]  # (dtype name, buffer length), sorted by name
+    treedefs: tuple[Any, ...]  # per unit: the treedef of its tree
+    entries: tuple[tuple[SlotEntry, ...], ...]  # per unit: one entry per leaf
+    sizes: tuple[tuple[str, int], ...]  # (buffer name, length), sorted by name
 
 
-def slot_layout(init, unit_trees) -> SlotLayout:
-    """The layout of the states ``init(tree)`` of ``unit_trees`` (shapes only: nothing runs).
+def buffer_dtype(name: str) -> str:
+    """The dtype name of buffer ``name`` ("<dtype name>:<position>")."""
+    return name.split(":")[0]
 
-    Raises ValueError for a state leaf that cannot live in a numeric buffer (a PRNG key).
+
+def slot_layout(init, unit_trees, *, flat: bool = False) -> SlotLayout:
+    """The layout of the trees ``init(tree)`` of ``unit_trees`` (shapes only: nothing runs).
+
+    Default (the units' inner states): one buffer per *position*, a unit's leaves of one
+    dtype, largest first, taking positions 0, 1, ... of that dtype, each buffer as long as
+    the largest leaf any unit puts there. A leaf that fills its buffer is read and written
+    whole (a reshape), so an elementwise inner optimizer updates the slot in place; leaves at
+    offsets of one buffer are written with update-slices, for which XLA copies the buffer.
+
+    ``flat=True`` (a gradient or an update handed out of a branch, written once): one buffer
+    per dtype, a unit's leaves one after another, as long as the largest unit's.
+
+    Raises ValueError for a leaf that cannot live in a numeric buffer (a PRNG key).
     """
     treedefs, entries, sizes = [], [], {}
     for tree in unit_trees:
         leaves, treedef = jax.tree.flatten(jax.eval_shape(init, tree))
-        offsets, unit = {}, []
         for leaf in leaves:
             if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
                 raise ValueError(
@@ -51,11 +68,18 @@ def slot_layout(init, unit_trees) -> SlotLayout:
                     f"which cannot hold the PRNG key of shape {leaf.shape} in the inner "
                     "optimizer's state; use an inner optimizer without keys in its state"
                 )
-            name = jnp.dtype(leaf.dtype).name
-            unit.append(SlotEntry(name, offsets.get(name, 0), tuple(leaf.shape)))
-            offsets[name] = offsets.get(name, 0) + math.prod(leaf.shape)
-        for name, n in offsets.items():
-            sizes[name] = max(sizes.get(name, 0), n)
+        dtype = [jnp.dtype(x.dtype).name for x in leaves]
+        size = [math.prod(x.shape) for x in leaves]
+        order = range(len(leaves))
+        if not flat:
+            order = sorted(order, key=lambda i: (dtype[i], -size[i], i))
+        unit, used = [None] * len(leaves), {}
+        for i in order:
+            k = used.get(dtype[i], 0)
+            name, offset = (f"{dtype[i]}:0", k) if flat else (f"{dtype[i]}:{k}", 0)
+            used[dtype[i]] = k + (size[i] if flat else 1)
+            unit[i] = SlotEntry(name, offset, tuple(leaves[i].shape))
+            sizes[name] = max(sizes.get(name, 0), offset + size[i])
         treedefs.append(treedef)
         entries.append(tuple(unit))
     # at least one element a buffer: Orbax cannot checkpoint zero-size arrays
@@ -78,6 +102,7 @@ def leaves_layout(leaves, unit_of) -> SlotLayout:
             ]
             for e in units
         ],
+        flat=True,
     )
 
 
@@ -98,7 +123,7 @@ def unpack_active(layout: SlotLayout, packed, unit, unit_of) -> dict[int, jax.Ar
 
 def empty_slot(layout: SlotLayout) -> dict[str, jax.Array]:
     """The slot's buffers, zeros: ``{dtype name: [length]}``."""
-    return {name: jnp.zeros((n,), name) for name, n in layout.sizes}
+    return {name: jnp.zeros((n,), buffer_dtype(name)) for name, n in layout.sizes}
 
 
 def slot_matches(layout: SlotLayout, slot) -> bool:
@@ -106,47 +131,57 @@ def slot_matches(layout: SlotLayout, slot) -> bool:
     if not isinstance(slot, dict) or sorted(slot) != [name for name, _ in layout.sizes]:
         return False
     return all(
-        tuple(slot[name].shape) == (n,) and jnp.dtype(slot[name].dtype).name == name
+        tuple(slot[name].shape) == (n,) and jnp.dtype(slot[name].dtype).name == buffer_dtype(name)
         for name, n in layout.sizes
     )
 
 
 def read_unit(layout: SlotLayout, slot, unit: int):
-    """Unit ``unit``'s inner state, read out of the slot."""
-    leaves = [
-        jax.lax.slice(slot[e.dtype], (e.offset,), (e.offset + math.prod(e.shape),)).reshape(e.shape)
-        for e in layout.entries[unit]
-    ]
+    """Unit ``unit``'s tree, read out of the buffers."""
+    leaves = []
+    for e in layout.entries[unit]:
+        buf, n = slot[e.buffer], math.prod(e.shape)
+        whole = e.offset == 0 and buf.shape[0] == n
+        leaves.append((buf if whole else buf[e.offset : e.offset + n]).reshape(e.shape))
     return jax.tree.unflatten(layout.treedefs[unit], leaves)
 
 
-def write_unit(layout: SlotLayout, slot, unit: int, state) -> dict[str, jax.Array]:
-    """The slot with unit ``unit``'s inner state written in (the rest of the slot as it was)."""
+def write_unit(layout: SlotLayout, slot, unit: int, tree) -> dict[str, jax.Array]:
+    """The buffers with unit ``unit``'s tree written in (the rest as it was)."""
     out = dict(slot)
-    leaves = layout.treedefs[unit].flatten_up_to(state)
+    leaves = layout.treedefs[unit].flatten_up_to(tree)
     for e, x in zip(layout.entries[unit], leaves, strict=True):
-        flat = jnp.reshape(x, (-1,)).astype(e.dtype)
-        out[e.dtype] = jax.lax.dynamic_update_slice(out[e.dtype], flat, (e.offset,))
+        flat = jnp.reshape(x, (-1,)).astype(buffer_dtype(e.buffer))
+        if e.offset == 0 and flat.shape == out[e.buffer].shape:  # whole: no update-slice
+            out[e.buffer] = flat
+        else:
+            out[e.buffer] = jax.lax.dynamic_update_slice(out[e.buffer], flat, (e.offset,))
     return out
 
 
 def select_units(layout: SlotLayout, unit, trees) -> dict[str, jax.Array]:
     """The buffers holding unit ``unit``'s tree of ``trees`` (one tree per unit, laid out by
     ``layout``), zeros for no unit: one elementwise select over the units' flattened trees,
-    so only the output is a buffer of the slot's length."""
+    so only the output is a buffer of the layout's length."""
     unit = jnp.asarray(unit, jnp.int32)
     out = {}
     for name, n in layout.sizes:
-        picked = jnp.zeros((n,), name)
+        picked = jnp.zeros((n,), buffer_dtype(name))
         for e, tree in enumerate(trees):
             leaves = layout.treedefs[e].flatten_up_to(tree)
-            parts = [
-                jnp.reshape(x, (-1,)).astype(name)
-                for x, entry in zip(leaves, layout.entries[e], strict=True)
-                if entry.dtype == name
-            ]
-            used = sum(p.shape[0] for p in parts)
-            flat = jnp.concatenate(parts + [jnp.zeros((n - used,), name)])
+            parts = sorted(
+                (
+                    (entry.offset, jnp.reshape(x, (-1,)).astype(buffer_dtype(name)))
+                    for x, entry in zip(leaves, layout.entries[e], strict=True)
+                    if entry.buffer == name
+                ),
+                key=lambda part: part[0],
+            )
+            if not parts:
+                continue
+            flat = [x for _, x in parts]
+            used = parts[-1][0] + flat[-1].shape[0]
+            flat = jnp.concatenate(flat + [jnp.zeros((n - used,), buffer_dtype(name))])
             picked = jnp.where(unit == e, flat, picked)
         out[name] = picked
     return out

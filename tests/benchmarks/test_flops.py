@@ -75,3 +75,38 @@ def test_the_cycle_average_of_the_lean_backward_matches_its_phases():
     assert flops.count(lean_grad, params, jnp.arange(GAMMA), x, cond_weights=weights) == (
         pytest.approx(mean)
     )
+
+
+def test_a_cycle_with_the_embedding_and_head_as_units_averages_its_phases():
+    """Embedding -> N linear layers -> head, the embedding and the head units of the
+    traversal: a cycle is N / gamma layer phases and one phase each for the embedding and the
+    head. Per phase, in matmuls: every phase runs the forward (N + 1). A layers phase adds the
+    head's dX and the blocks' backward above the lowest active layer (as in the test above);
+    the embedding's phase the head's dX and every block's dX (the lookup's gradient is no
+    matmul); the head's phase its dW alone (nothing upstream trains: no backward through the
+    blocks)."""
+    V = 5
+    params = {"embed": jnp.ones((V, D)), "blocks": {"w": jnp.ones((N, D, D))},
+              "head": jnp.ones((D, D))}  # fmt: skip
+
+    def loss(p, tokens):
+        h = omgd_jax.scan_layers(lambda layer, h: h @ layer["w"], p["blocks"], p["embed"][tokens],
+                                 remat=False)  # fmt: skip
+        return (h @ p["head"]).sum()
+
+    lean_grad = omgd_jax.lean_value_and_grad(loss, layers="^blocks/", units="^(embed|head)$")
+    tokens = jnp.arange(B) % V
+    layer_phases = [N + 1 + 1 + (N - min(s) - GAMMA) + 2 * GAMMA
+                    for s in itertools.combinations(range(N), GAMMA)]  # fmt: skip
+    embed_phase, head_phase = (N + 1) + 1 + N, (N + 1) + 1
+    phases = N // GAMMA
+    cycle = (phases * sum(layer_phases) / len(layer_phases) + embed_phase + head_phase) / (
+        phases + 2
+    )
+    weights = flops.lean_cycle_shares(N, GAMMA, num_extra=2)
+    counted = flops.count(lean_grad, params, jnp.arange(GAMMA), jnp.int32(0), tokens,
+                          cond_weights=weights)  # fmt: skip
+    assert counted == pytest.approx(cycle * MATMUL)
+    # without the cycle's weights the costliest phase (the embedding's, or a layers phase
+    # whose lowest active layer is the first) is counted instead: the weights are what moved it
+    assert flops.count(lean_grad, params, jnp.arange(GAMMA), jnp.int32(0), tokens) > counted

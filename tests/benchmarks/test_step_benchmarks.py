@@ -7,7 +7,8 @@ from examples.gpt2.model import get_config
 
 def test_step_time_times_the_library_steps_and_writes_the_report(tmp_path, monkeypatch):
     tiny = get_config("nano", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
-    monkeypatch.setattr(step_time, "setups", lambda remat: [("tiny 2x32", tiny, (2, 16), 1)])
+    setup = step_time.Setup("tiny 2x32", "gpt2", tiny, (2, 16), 1)
+    monkeypatch.setattr(step_time, "setups", lambda remat: [setup])
     out = tmp_path / "st.json"
     argv = ["--rounds", "2", "--malloc", "default", "--out", str(out)]
     doc = step_time.main(argv)
@@ -16,11 +17,17 @@ def test_step_time_times_the_library_steps_and_writes_the_report(tmp_path, monke
     assert meta["command"] == "python -m benchmarks.step_time " + " ".join(argv)
     assert meta["rounds"] == 2 and meta["malloc"] == "default" and meta["remat"] is False
     recs = {r["method"]: r for r in doc["records"]}
-    assert list(recs) == ["adamw", "omgd-layer lean (gamma=1)"]
+    assert list(recs) == [
+        "adamw", "omgd-layer lean (gamma=1)", "omgd-layer-rotate lean (gamma=1)"
+    ]  # fmt: skip
     assert recs["adamw"]["ratio_to_adamw"] == recs["adamw"]["flop_ratio_to_adamw"] == 1.0
+    # a round is one cycle of the rotate row: 2 layer phases and the tied wte's
+    assert {r["steps_per_round"] for r in recs.values()} == {3}
     lean = recs["omgd-layer lean (gamma=1)"]
     assert lean["median_s"] > 0 and lean["ratio_min"] <= lean["ratio_to_adamw"] <= lean["ratio_max"]
     assert lean["flop_ratio_to_adamw"] < 1  # the inactive blocks' weight gradients are skipped
+    rotate = recs["omgd-layer-rotate lean (gamma=1)"]
+    assert rotate["flop_ratio_to_adamw"] < 1
 
 
 def test_baseline_state_writes_every_optimizer(tmp_path):
