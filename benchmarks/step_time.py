@@ -81,10 +81,6 @@ def _model(setup: Setup):
     return model(setup.cfg, nnx.Rngs(0)), loss_fn
 
 
-def num_layers(setup: Setup) -> int:
-    return setup.cfg.n_layer
-
-
 def build(setup: Setup):
     """params and {method: (jitted step, tx, number of extra units)}.
 
@@ -132,7 +128,7 @@ def extra_units(params) -> set[str]:
 
 def cycle_length(setup: Setup, num_extra: int) -> int:
     """Phases in a cycle of the rotate row: N_L / gamma layer phases and one per extra unit."""
-    return num_layers(setup) // setup.gamma + num_extra
+    return setup.cfg.n_layer // setup.gamma + num_extra
 
 
 def step_flops(setup: Setup) -> dict[str, float]:
@@ -142,7 +138,7 @@ def step_flops(setup: Setup) -> dict[str, float]:
     xs = jax.ShapeDtypeStruct(setup.batch, jnp.int32)
     out = {}
     for name, (step, tx, extra) in steps.items():
-        weights = flops.lean_cycle_shares(num_layers(setup), setup.gamma, extra)
+        weights = flops.lean_cycle_shares(setup.cfg.n_layer, setup.gamma, extra)
         state = jax.eval_shape(tx.init, params)
         out[name] = flops.count(step, params, state, xs, xs, cond_weights=weights)
     return out

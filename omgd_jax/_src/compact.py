@@ -825,7 +825,7 @@ def omgd_compact(
         # untouched but in its unit's phase: XLA then updates the slot in place, where a
         # switch over the units (three or more branches) copies it (Llama-3.1-8B: 1.96 GiB).
         unit = jnp.asarray(active.unit, jnp.int32)
-        new = state.omgd_unit_state
+        new = slot
         packed = g_packed if packing is g_layout else unit_slot.empty_slot(packing)
         for e in units:
             new, packed = jax.lax.cond(
