@@ -14,41 +14,41 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.extend import core as jex_core
 
-# A cond's branch weights: (eqn) -> one weight per branch, e.g. the share of the layers for
-# which the lean backward takes its active branch. Default: the costliest branch.
+# Weights of the equations whose cost the jaxpr cannot tell: (eqn) -> one weight per branch of
+# a cond (e.g. the share of a cycle's phases taking it), or [expected trip count] of a while
+# loop (a traced trip count). None: a cond's costliest branch; a while loop must be weighted.
 CondWeights = Callable[[jex_core.JaxprEqn], Sequence[float] | None]
 
 
 def lean_layer_shares(n_layer: int, gamma: int) -> CondWeights:
-    """Branch weights of the lean backward's per-layer cond, averaged over the phases of a cycle.
+    """Trip counts of the lean backward's loops over inactive layers, averaged over a cycle.
 
-    With the input's cotangent needed (an embedding upstream trains) the cond has two branches,
-    (inactive, active), taken by 1 - gamma/N_L and gamma/N_L of the layers. Without it there is a
-    third, taken below the lowest active layer (no work): the gamma active layers of a phase are
-    a uniformly random gamma-subset of the N_L (a group of the cycle's random partition), whose
-    lowest index has mean (N_L - gamma) / (gamma + 1), so (below, inactive, active) =
-    ((N_L - gamma) / ((gamma + 1) N_L), the rest, gamma / N_L).
+    The lean backward (`omgd_jax.scan_layers`) runs a loop of input cotangents above each
+    active layer, and one below the lowest when the input's cotangent is needed (an embedding
+    upstream trains); each active layer runs outside them. The gamma active layers of a phase
+    are a uniformly random gamma-subset of the N_L (a group of the cycle's random partition),
+    which splits the N_L - gamma others into gamma + 1 runs of (N_L - gamma) / (gamma + 1)
+    layers each on average: every loop's expected trip count.
     """
-    active = gamma / n_layer
-    below = (n_layer - gamma) / ((gamma + 1) * n_layer)
+    from omgd_jax._src.layer_scan import INPUT_ONLY_SCOPE
+
+    trips = (n_layer - gamma) / (gamma + 1)
 
     def weights(eqn):
-        n = len(eqn.params["branches"])
-        if n == 2:
-            return [1 - active, active]
-        if n == 3:
-            return [below, 1 - active - below, active]
+        # inside the backward the scope reads "transpose(jvp(omgd_input_cotangents))"
+        if eqn.primitive.name == "while" and INPUT_ONLY_SCOPE in str(eqn.source_info.name_stack):
+            return [trips]
         return None
 
     return weights
 
 
 def lean_cycle_shares(n_layer: int, gamma: int, num_extra: int = 0) -> CondWeights:
-    """Branch weights averaged over a whole cycle of a traversal with ``num_extra`` units
-    beyond the layers (``units=``): the lean step's switch over the kinds of phase (named
-    ``omgd_phase``, branches: layers, unit 0, ..., unit E-1) takes its layers branch in
-    N_L / gamma of the cycle's N_L / gamma + E phases and each unit's in one; inside the layers
-    branch the per-layer cond is weighted as `lean_layer_shares` weights it."""
+    """Weights averaged over a whole cycle of a traversal with ``num_extra`` units beyond the
+    layers (``units=``): the lean step's switch over the kinds of phase (named ``omgd_phase``,
+    branches: layers, unit 0, ..., unit E-1) takes its layers branch in N_L / gamma of the
+    cycle's N_L / gamma + E phases and each unit's in one; inside the layers branch the loops
+    over inactive layers are weighted as `lean_layer_shares` weights them."""
     from omgd_jax._src.lean import PHASE_SCOPE
 
     layer = lean_layer_shares(n_layer, gamma)
@@ -57,7 +57,11 @@ def lean_cycle_shares(n_layer: int, gamma: int, num_extra: int = 0) -> CondWeigh
 
     def weights(eqn):
         scope = str(eqn.source_info.name_stack).split("/")
-        if PHASE_SCOPE in scope and len(eqn.params["branches"]) == num_extra + 1:
+        if (
+            eqn.primitive.name == "cond"
+            and PHASE_SCOPE in scope
+            and len(eqn.params["branches"]) == num_extra + 1
+        ):
             return [phases / total] + [1 / total] * num_extra
         return layer(eqn)
 
@@ -121,7 +125,19 @@ def live_flops(jaxpr, outs_used, cond_weights=None) -> tuple[float, list[bool]]:
             )
             ins = [True] + [any(c[1][i] for c in counted) for i in range(len(eqn.invars) - 1)]
         elif name == "while":
-            raise ValueError("live_flops: a while loop has no static trip count")
+            trips = cond_weights(eqn) if cond_weights is not None else None
+            if trips is None:
+                raise ValueError("live_flops: a while loop has no static trip count; weight it")
+            body, n_consts = eqn.params["body_jaxpr"].jaxpr, eqn.params["body_nconsts"]
+            carry = outs
+            while True:  # as for a scan: a carry is live if the body reads it for one that is
+                flops, body_ins = live_flops(body, carry, cond_weights)
+                grown = [a or b for a, b in zip(carry, body_ins[n_consts:], strict=True)]
+                if grown == carry:
+                    break
+                carry = grown
+            total += trips[0] * flops
+            ins = [True] * eqn.params["cond_nconsts"] + body_ins[:n_consts] + carry
         elif (inner := _inner(eqn)) is not None:
             flops, ins = live_flops(inner, outs, cond_weights)
             total += flops

@@ -15,8 +15,9 @@ every step and a round is one cycle of the rotate row (N_L / gamma + its units' 
 every kind of phase is timed in its share of the cycle.
 
 Beside the times, every record has the step's matmul FLOPs counted on its jaxpr
-(`benchmarks.flops`, dead code left out, the lean backward's branches weighted by their share
-of a cycle, `flops.lean_cycle_shares`): their ratio is what a compute-bound step could reach.
+(`benchmarks.flops`, dead code left out, the lean step's phases and its backward's loops over
+inactive layers weighted by their share of a cycle, `flops.lean_cycle_shares`): their ratio is
+what a compute-bound step could reach.
 ``--malloc hold`` (the default) keeps freed host memory so XLA:CPU's per-call buffers do not
 page-fault anew (`benchmarks.host_memory`); ``--malloc default`` leaves glibc as it is.
 """

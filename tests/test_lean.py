@@ -65,29 +65,35 @@ def test_gradient_tree_has_no_full_stack_leaf():
 
 
 def test_inactive_layers_get_no_weight_gradient_matmuls():
-    """remat: the backward recomputes each layer in a cond; the inactive branch has no x^T dy."""
+    """remat: the inactive layers' backward runs in loops with no x^T dy; each active layer's
+    full backward runs once, outside the loops (its weight cotangent a buffer of its own)."""
     params = make_params()
     f = omgd_jax.lean_value_and_grad(loss_of, layers=LAYERS)
-    jaxpr = jax.make_jaxpr(f)(params, jnp.array([0, 5]), jnp.ones((3, D))).jaxpr
 
-    def eqns(jaxpr, name):
+    def jaxpr_of(ids):
+        return jax.make_jaxpr(f)(params, jnp.array(ids), jnp.ones((3, D))).jaxpr
+
+    def eqns(jaxpr, name, into_loops=True):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == name:
                 yield eqn
-            for sub in jaxprs_in_params(eqn.params):
-                yield from eqns(sub, name)
+            if into_loops or eqn.primitive.name not in ("while", "scan"):
+                for sub in jaxprs_in_params(eqn.params):
+                    yield from eqns(sub, name, into_loops)
 
-    def dots(jaxpr):
-        return sum(1 for _ in eqns(jaxpr, "dot_general"))
+    def dots(jaxpr, into_loops=True):
+        return sum(1 for _ in eqns(jaxpr, "dot_general", into_loops))
 
-    scans = {e.params["length"]: e for e in eqns(jaxpr, "scan")}
-    assert set(scans) == {N_LAYERS}  # no loop over fewer layers: one backward pass
-    backward = [e for e in eqns(jaxpr, "scan") if any(eqns(e.params["jaxpr"].jaxpr, "cond"))]
-    assert len(backward) == 1
-    (cond,) = eqns(backward[0].params["jaxpr"].jaxpr, "cond")
-    inactive, active = (dots(b.jaxpr) for b in cond.params["branches"])
-    # Each layer has two matmuls: recomputed (2), input cotangent (2), weight cotangent (2).
-    assert (inactive, active) == (4, 6)
+    two, one = jaxpr_of([0, 5]), jaxpr_of([3])
+    assert {e.params["length"] for e in eqns(two, "scan")} == {N_LAYERS}  # the forward
+    # gamma + 1 loops (above the highest active layer, between, below the lowest), each
+    # recomputing a layer (2 matmuls) and giving its input cotangent (2), no weight cotangent.
+    loops = list(eqns(two, "while"))
+    assert len(loops) == 3 and len(list(eqns(one, "while"))) == 2
+    assert [dots(e.params["body_jaxpr"].jaxpr) for e in loops] == [4, 4, 4]
+    # One more active layer: one more full backward outside the loops, recompute (2), input
+    # cotangent (2), weight cotangent (2).
+    assert dots(two, into_loops=False) - dots(one, into_loops=False) == 6
 
 
 def dense_step(tx):

@@ -214,18 +214,22 @@ def test_no_layer_backward_below_the_lowest_active_layer_nor_in_the_heads_phase(
 
 def test_one_program_and_the_heads_phase_has_no_weight_gradient_of_a_block():
     """The compiled step serves every phase, and the jaxpr of the head's branch holds no
-    backward scan over the blocks (no loop of length N outside the forward)."""
+    backward loop over the blocks (the forward's scan only)."""
     units, frozen = CONFIGS["rotate"]
     grad = omgd_jax.lean_value_and_grad(loss_of, layers=LAYERS, units=units, frozen=frozen)
     jaxpr = jax.make_jaxpr(grad)(make_params(), jnp.array([0, 1]), jnp.int32(0), jnp.ones((3, D)))
     (switch,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
     layers_b, embed_b, head_b = switch.params["branches"]
 
-    def scans(j):
-        return sum(e.primitive.name == "scan" for e in j.jaxpr.eqns)
+    def loops(j, kind):
+        return sum(e.primitive.name == kind for e in j.jaxpr.eqns)
 
-    assert scans(head_b) == 1  # the forward only
-    assert scans(embed_b) == 2 and scans(layers_b) == 2  # forward and backward
+    assert (loops(head_b, "scan"), loops(head_b, "while")) == (1, 0)  # the forward only
+    # the embedding's: the forward and one backward loop over every layer (input cotangents)
+    assert (loops(embed_b, "scan"), loops(embed_b, "while")) == (2, 0)
+    # the layers': the forward, and a loop above each of the 2 active layers (none below the
+    # lowest: nothing upstream of the stack is trained in this phase)
+    assert (loops(layers_b, "scan"), loops(layers_b, "while")) == (1, 2)
 
 
 def test_active_unit_needs_a_state_with_units():

@@ -2,6 +2,8 @@
 measured with the trick and with it replaced by the plain expression, on models sized so that
 its effect reaches the peak (argument + temp bytes of the donated step)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -9,8 +11,10 @@ from flax import nnx
 
 import omgd_jax
 from benchmarks import report
+from examples.llama import model
 from examples.llama.model import Llama, get_config, loss_fn
 from omgd_jax import ordering
+from omgd_jax._src import layer_scan
 from omgd_jax._src import ordering as _src_ordering
 
 LAYERS = r"^blocks/"
@@ -21,6 +25,12 @@ def without_trick(monkeypatch, name, plain):
     (``omgd_jax._src.ordering``) and through the public module the Llama example imports."""
     for module in (ordering, _src_ordering):
         monkeypatch.setattr(module, name, plain)
+
+
+def without_trick_in_layer_scan(monkeypatch, name, plain):
+    """Replace the trick ``name`` in the lean backward (`layer_scan`) only."""
+    tricks = {k: getattr(_src_ordering, k) for k in ("after", "ids_after", "zeros_after")}
+    monkeypatch.setattr(layer_scan, "ordering", types.SimpleNamespace(**{**tricks, name: plain}))
 
 
 def llama(batch, **kw):
@@ -84,3 +94,39 @@ def test_after_recomputes_the_attention_after_the_mlp_backward(monkeypatch):
     without_trick(monkeypatch, "after", lambda tree, like: tree)
     without = lean_peak(params, loss_of, tokens, 1)
     assert without - with_trick >= 4 * 4 * 64 * 64 * 4, (without, with_trick)
+
+
+def test_after_slices_the_attention_weights_again_for_the_attention_backward(monkeypatch):
+    # Without it the attention's kernels, sliced from the stack for the block's recomputed
+    # forward, are reused by the attention's backward and live through the MLP's backward.
+    params, loss_of, tokens = llama((4, 32), n_layer=4, dim=128, hidden=344, attn_remat=True)
+    with_trick = lean_peak(params, loss_of, tokens, 1)
+    monkeypatch.setattr(model, "_after_cotangent", lambda s, x, ct: (s, ordering.after(x, ct)))
+    without = lean_peak(params, loss_of, tokens, 1)
+    kernels = 4 * 128 * 128 * 4
+    assert without - with_trick >= kernels, (without, with_trick, kernels)
+
+
+# A layer of the 4-layer, width-128 LLaMA below: 4 square and 3 MLP kernels, 2 norms.
+LAYER_BYTES = (4 * 128 * 128 + 3 * 128 * 344 + 2 * 128) * 4
+
+
+def test_ids_after_runs_each_active_layer_when_its_cotangent_exists(monkeypatch):
+    # Outside the backward's loops, an active layer's recomputation would run as soon as the
+    # forward saved its input, its activations kept through the layers above it.
+    params, loss_of, tokens = llama((4, 32), n_layer=4, dim=128, hidden=344)
+    with_trick = lean_peak(params, loss_of, tokens, 2)
+    without_trick_in_layer_scan(monkeypatch, "ids_after", lambda ids, tree: ids)
+    without = lean_peak(params, loss_of, tokens, 2)
+    assert without - with_trick >= LAYER_BYTES, (without, with_trick)
+
+
+def test_after_keeps_a_single_slot_gradient_behind_the_backward(monkeypatch):
+    # With one active layer XLA drops the [1, ...] buffer and hands the layer's own gradient,
+    # which the update could then write into the stack while the loop below still reads it:
+    # XLA copies the stacked kernels to allow that.
+    params, loss_of, tokens = llama((4, 32), n_layer=4, dim=128, hidden=344)
+    with_trick = lean_peak(params, loss_of, tokens, 1)
+    without_trick_in_layer_scan(monkeypatch, "after", lambda tree, like: tree)
+    without = lean_peak(params, loss_of, tokens, 1)
+    assert without - with_trick >= 3 * LAYER_BYTES, (without, with_trick)

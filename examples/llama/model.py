@@ -401,11 +401,24 @@ def _recompute_after_cotangent(norm, attn, x, rope, mask):
 
     def run_bwd(res, ct):
         state, x, tables = res
-        d_state, dx = jax.vjp(lambda s, h: fn(s, h, tables), state, ordering.after(x, ct))[1](ct)
+        state, x = _after_cotangent(state, x, ct)
+        d_state, dx = jax.vjp(lambda s, h: fn(s, h, tables), state, x)[1](ct)
         return d_state, dx, jax.tree.map(_no_cotangent, tables)
 
     run.defvjp(run_fwd, run_bwd)
     return run(state, x, (rope, mask))
+
+
+def _after_cotangent(state, x, ct):
+    """The attention's weights and input, made once the cotangent ``ct`` exists.
+
+    Why the weights too: the blocks are stacked, so under the layer scan the weights are copies
+    sliced from the stack; the slices made for the block's recomputed forward (needed before
+    the MLP's backward) were reused by the attention's backward, so they lived through the
+    MLP's backward (at LLaMA-7B four 32 MiB kernels on the peak). Sliced again from ``after``,
+    they are made when the attention's backward starts.
+    """
+    return ordering.after((state, x), ct)
 
 
 def _no_cotangent(x):

@@ -9,14 +9,14 @@ registers, while it traces a loss, the stacked leaves whose view a call finds by
 What each layer keeps for the backward pass:
 
 * ``remat=True``: only its input (N_L x the activation entering a layer). The backward
-  recomputes every layer once, inside a ``lax.cond`` on whether it is active: an inactive
-  layer gives its input cotangent alone (no weight-gradient matmuls), an active one its
-  weight cotangent too, written into its slot of the ``[gamma, ...]`` gradient. Least memory.
+  recomputes every layer once: the inactive ones in loops that give their input cotangent
+  alone (no weight-gradient matmuls), each active one outside the loops, its weight
+  cotangent too (see `_backward`). Least memory.
 * ``remat=False``: the residuals of its linearisation (what ``jax.vjp`` keeps, weights not
   copied), as an ordinary backward pass would; residuals that depend on neither the weights
   nor the input (a causal mask built in the layer) are kept once for all layers. No
   recomputation; inactive layers still skip the weight-gradient matmuls (XLA removes them as
-  dead code of the inactive branch).
+  dead code of the input cotangent's vjp).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from jax.extend import core as jex_core
 from omgd_jax._src import ordering
 
 LayerFn = Callable[[Any, jax.Array], jax.Array]
+# The name scope of the lean backward's loops over inactive layers (their trip counts are
+# traced: `benchmarks/flops.py` finds them by it).
+INPUT_ONLY_SCOPE = "omgd_input_cotangents"
 
 # Set by `lean_value_and_grad` while it traces the loss: the stacked leaves it registered, so
 # that a model calling `scan_layers(layer_fn, stack, x)` trains only the active layers without
@@ -349,65 +352,81 @@ def _depends(jaxpr, inputs_depend) -> list[bool]:
 
 
 def _backward(stack, ids, dy, vjps, flags=((), ())):
-    """The backward loop over the layers (last to first) of both modes.
+    """The backward pass over the layers (last to first) of both modes.
 
     ``vjps(index, p)`` gives ``(full, input_only)`` for layer ``index``: ``full(dh) -> (dp,
-    dx)``, ``input_only(dh) -> dx``. An active layer's ``dp`` goes into its slot of the
-    ``[gamma, ...]`` gradient; an inactive one takes ``input_only`` (no x^T dy matmuls).
+    dx)``, ``input_only(dh) -> dx``. The active layers are visited from the highest id down
+    (gamma is static, the ids traced): a loop gives the input cotangents alone (no x^T dy
+    matmuls) of the inactive layers above an active one, then that layer's ``full`` runs
+    outside any loop, so its weight cotangent is a buffer of its own, made when the layer's
+    backward runs. The ``[gamma, ...]`` gradient is assembled from those buffers once the
+    last layer's backward is done, when the remat inputs are dead.
+
+    Why not one loop writing each active layer into its slot of a ``[gamma, ...]`` carry, as
+    an ordinary scan's transpose does: the carry exists, whole, from the first layer's
+    backward on, and each active layer's weight cotangent is made apart and then copied into
+    it, so the peak held every slot and one more layer's weight cotangent (at LLaMA-7B, 2 of
+    32 layers: 0.39 GiB more).
 
     ``flags`` (static): whether the view (the weights) and the input ``x`` of the stack are
-    differentiated. Without an input cotangent to give, a layer below the lowest active one
-    (index < min(ids), traced) does no work at all: its branch hands the incoming cotangent on
-    untouched (no recompute, no vjp). Without a weight cotangent (a phase that trains an extra
-    unit upstream of the stack, the embedding) every layer gives its input cotangent alone;
-    with neither (the head's phase) there is no backward loop.
+    differentiated. Without an input cotangent to give, the layers below the lowest active
+    one do no work at all (no recompute, no vjp). Without a weight cotangent (a phase that
+    trains an extra unit upstream of the stack, the embedding) every layer gives its input
+    cotangent alone; with neither (the head's phase) there is no backward loop.
     """
     need_view, need_x = (f is not None for f in flags)
     if isinstance(dy, SymbolicZero) or not (need_view or need_x):
         return None, None, None, None
     n = jax.tree.leaves(stack)[0].shape[0]
+
+    def input_only(index, dh):
+        return vjps(index, _layer(stack, index))[1](dh)
+
     if not need_view:  # every layer: its input cotangent alone
-
-        def input_only(dh, index):
-            return vjps(index, _layer(stack, index))[1](dh), None
-
-        dx, _ = jax.lax.scan(input_only, dy, jnp.arange(n), reverse=True)
+        dx, _ = jax.lax.scan(
+            lambda dh, i: (input_only(i, dh), None), dy, jnp.arange(n), reverse=True
+        )
         return None, None, None, dx
 
-    gbuf = jax.tree.map(
-        lambda a: ordering.zeros_after(dy, (ids.shape[0],) + a.shape[1:], a.dtype), stack
-    )
-    lowest = jnp.min(ids)
+    def down(dh, hi, lo):
+        """Input cotangents alone through layers hi - 1, ..., lo (none when hi <= lo)."""
+        with jax.named_scope(INPUT_ONLY_SCOPE):  # names the loops in jaxprs and profiles
+            return jax.lax.fori_loop(0, hi - lo, lambda i, dh: input_only(hi - 1 - i, dh), dh)
 
-    def body(carry, index):
-        dh, gbuf = carry
-        slot = _slot(ids, index)
-        # Each branch slices the layer and its residuals itself: slices made outside would be
-        # operands of the cond, which XLA materialises as copies.
-
-        def active(dh, gbuf):
-            dp, dx = vjps(index, _layer(stack, index))[0](dh)
-            gbuf = jax.tree.map(
-                lambda b, d: jax.lax.dynamic_update_index_in_dim(b, d.astype(b.dtype), slot, 0),
-                gbuf,
-                dp,
-            )
-            return dx, gbuf
-
-        def inactive(dh, gbuf):
-            return vjps(index, _layer(stack, index))[1](dh), gbuf
-
-        if need_x:
-            return jax.lax.cond(slot >= 0, active, inactive, dh, gbuf), None
-
-        def below(dh, gbuf):  # below the lowest active layer: nothing needs dh any more
-            return dh, gbuf
-
-        branch = jnp.where(slot >= 0, 2, jnp.where(index > lowest, 1, 0)).astype(jnp.int32)
-        return jax.lax.switch(branch, (below, inactive, active), dh, gbuf), None
-
-    (dx, gbuf), _ = jax.lax.scan(body, (dy, gbuf), jnp.arange(n), reverse=True)
-    return None, gbuf, None, dx if need_x else None
+    gamma = ids.shape[0]
+    slots = jnp.argsort(ids)[::-1]  # the slots, highest layer first
+    dh, hi, grads = dy, jnp.int32(n), []
+    for k in range(gamma):
+        layer = ids[slots[k]]
+        dh = down(dh, hi, layer + 1)
+        # Sliced with an index made from the cotangent (`ordering.ids_after`): outside a loop,
+        # XLA would otherwise recompute the layer as soon as the forward saved its input and
+        # keep the activations through the backward of every layer above it.
+        at = ordering.ids_after(layer, dh)
+        dp, dh = vjps(at, _layer(stack, at))[0](dh)
+        grads.append(dp)
+        hi = layer
+    if need_x:
+        dh = down(dh, hi, 0)
+    # Made from the last cotangent, so the buffer exists once every layer's backward is done
+    # (and so does the gradient: with one slot XLA would drop the buffer and hand the layer's
+    # own, which the update could then write into the stack while the loop below still reads
+    # it: XLA copies the whole stack to allow that).
+    if gamma == 1:
+        gbuf = jax.tree.map(
+            lambda d, a: d[None].astype(a.dtype), ordering.after(grads[0], dh), stack
+        )
+        return None, gbuf, None, dh if need_x else None
+    gbuf = jax.tree.map(lambda a: ordering.zeros_after(dh, (gamma,) + a.shape[1:], a.dtype), stack)
+    for k in range(gamma):
+        gbuf = jax.tree.map(
+            lambda b, d, k=k: jax.lax.dynamic_update_index_in_dim(
+                b, d.astype(b.dtype), slots[k], 0
+            ),
+            gbuf,
+            grads[k],
+        )
+    return None, gbuf, None, dh if need_x else None
 
 
 def _lean_bwd(layer_fn, remat, res, dy):

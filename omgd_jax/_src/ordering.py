@@ -28,8 +28,11 @@ def ids_after(ids: jax.Array, tree) -> jax.Array:
     Why: in the lean step the gathered copy of the active layers (the optimizer's view of the
     parameters) is read by nothing before the optimizer, but XLA gathers it as early as it can,
     so it lived through the whole backward pass, one layer's weights on the peak. Gathering with
-    ``ids_after(ids, grads)`` schedules it after the backward. The clamp bound is ``max(ids)``
-    or more, so the value is ``ids``.
+    ``ids_after(ids, grads)`` schedules it after the backward. The lean backward slices each
+    active layer with its index made after that layer's incoming cotangent, so its
+    recomputation runs then (outside the backward's loops XLA would run it as soon as the
+    forward saved the layer's input). The clamp bound is ``max(ids)`` or more, so the value is
+    ``ids``.
     """
     return jnp.minimum(ids, jnp.max(ids) + _any_nan(tree).astype(ids.dtype))
 
@@ -54,7 +57,11 @@ def after(tree, like):
     is otherwise identical to the forward's, and XLA merges the two, so the recomputed values
     live from the forward through every backward step before theirs. Recomputed from
     ``after(x, cotangent)``, it is a different value that can only run once that cotangent
-    exists. ``examples/llama/model.py``'s ``attn_remat`` recomputes the attention this way.
+    exists. ``examples/llama/model.py``'s ``attn_remat`` recomputes the attention this way
+    (its kernels too: sliced again from the stack for the attention's backward). The lean
+    backward hands a one-slot gradient as ``after(grad, last cotangent)``: with one active
+    layer XLA would otherwise hand the layer's own gradient to the update, which could then
+    write the stack while the backward below still reads it, and XLA copies the whole stack.
     """
     nan = _any_nan(like)
     return jax.tree.map(

@@ -51,20 +51,22 @@ def test_the_lean_backward_skips_the_inactive_weight_matmuls():
     lean_grad = omgd_jax.lean_value_and_grad(linear_stack_loss, layers="^blocks/")
     assert dense == 3 * N * MATMUL
 
-    def exact(below, active):  # this phase's branch shares: (below, inactive, active)
-        return lambda eqn: [below / N, (N - below - active) / N, active / N]
+    def trips(inactive):  # this phase: `inactive` layers' dX spread over the gamma loops
+        return lambda eqn: [inactive / GAMMA] if eqn.primitive.name == "while" else None
 
-    bottom = flops.count(lean_grad, params, jnp.arange(GAMMA), x, cond_weights=exact(0, GAMMA))
+    bottom = flops.count(lean_grad, params, jnp.arange(GAMMA), x, cond_weights=trips(N - GAMMA))
     assert bottom == pytest.approx((2 * N + GAMMA) * MATMUL)  # layers 0, 1: every dX runs
     top = jnp.arange(N - GAMMA, N)  # the top layers: no dX below them, only their dX + dW
-    assert flops.count(lean_grad, params, top, x, cond_weights=exact(N - GAMMA, GAMMA)) == (
+    assert flops.count(lean_grad, params, top, x, cond_weights=trips(0)) == (
         pytest.approx((N + 2 * GAMMA) * MATMUL)
     )
+    with pytest.raises(ValueError, match="no static trip count"):  # unweighted: no guess
+        flops.count(lean_grad, params, top, x)
 
 
 def test_the_cycle_average_of_the_lean_backward_matches_its_phases():
-    # lean_layer_shares averages the three branches over uniformly random gamma-subsets: the
-    # weighted count equals the mean of the exact counts over every subset.
+    # lean_layer_shares weights the loops over inactive layers by their mean length over
+    # uniformly random gamma-subsets: the weighted count equals the mean of the exact counts.
     params = {"blocks": {"w": jnp.ones((N, D, D))}}
     x = jnp.ones((B, D))
     lean_grad = omgd_jax.lean_value_and_grad(linear_stack_loss, layers="^blocks/")
@@ -107,6 +109,11 @@ def test_a_cycle_with_the_embedding_and_head_as_units_averages_its_phases():
     counted = flops.count(lean_grad, params, jnp.arange(GAMMA), jnp.int32(0), tokens,
                           cond_weights=weights)  # fmt: skip
     assert counted == pytest.approx(cycle * MATMUL)
-    # without the cycle's weights the costliest phase (the embedding's, or a layers phase
-    # whose lowest active layer is the first) is counted instead: the weights are what moved it
-    assert flops.count(lean_grad, params, jnp.arange(GAMMA), jnp.int32(0), tokens) > counted
+    # the phase switch alone unweighted: its costliest branch (a layers phase, on average),
+    # not the cycle's mean: the switch's weights are what moved it
+    loops = flops.lean_layer_shares(N, GAMMA)
+    costliest = flops.count(lean_grad, params, jnp.arange(GAMMA), jnp.int32(0), tokens,
+                            cond_weights=loops)  # fmt: skip
+    layer_mean = sum(layer_phases) / len(layer_phases)
+    assert costliest == pytest.approx(max(layer_mean, embed_phase, head_phase) * MATMUL)
+    assert costliest > counted
