@@ -174,12 +174,17 @@ def test_lean_step_equals_the_dense_compact_step_over_a_cycle(config, remat, mic
     assert lean._cache_size() == 1  # one compiled program for every phase
 
 
-def executed_backward(config, ids, unit, remat=True):
-    """The layers whose backward the lean gradient runs, last to first."""
+@functools.cache
+def _lean_grad(config, remat):  # one compiled program per configuration: ids and unit traced
     units, frozen = CONFIGS[config]
     fun = functools.partial(loss_of, remat=remat)
-    grad = omgd_jax.lean_value_and_grad(fun, layers=LAYERS, units=units, frozen=frozen)
-    f = jax.jit(grad)
+    return jax.jit(omgd_jax.lean_value_and_grad(fun, layers=LAYERS, units=units, frozen=frozen))
+
+
+def executed_backward(config, ids, unit, remat=True):
+    """The layers whose backward the lean gradient runs, last to first."""
+    units, _ = CONFIGS[config]
+    f = _lean_grad(config, remat)
     x = jnp.ones((3, D))
     extra = (jnp.int32(unit),) if units else ()
     jax.block_until_ready(f(make_params(), jnp.asarray(ids), *extra, x))  # compile

@@ -8,7 +8,7 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def _block_after(heading: str) -> str:
     text = README.read_text()
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -212,8 +212,10 @@ def factories():
         ("golore", omgd_jax.golore(1e-2, rank=2, update_proj_gap=2)),
         ("sift", omgd_jax.sift(1e-2, 0.25)),
         ("scale_by_sift", optax.chain(omgd_jax.scale_by_sift(0.25), optax.scale(-1e-2))),
-        ("scale_by_galore", optax.chain(omgd_jax.scale_by_galore(2, update_proj_gap=2),
-                                        optax.scale(-1e-2))),  # fmt: skip
+        (
+            "scale_by_galore",
+            optax.chain(omgd_jax.scale_by_galore(2, update_proj_gap=2), optax.scale(-1e-2)),
+        ),  # fmt: skip
         ("skip_update", omgd_jax.skip_update(adam, 0.5)),
         ("skip_update_adamw", omgd_jax.skip_update_adamw(1e-2, 0.5)),
         ("magma", omgd_jax.magma(adam, 0.5)),
@@ -255,10 +257,10 @@ def test_eight_devices_data_parallel_and_fsdp_equal_one_device(name, tx):
     grads = [tree(30 + t) for t in range(4)]
     tol = dict(rtol=1e-4, atol=1e-5) if name in SVD_BASED else dict(rtol=1e-5, atol=1e-6)
     replicated = jax.tree.map(lambda _: P(), FSDP_SPECS)
+    update = jax.jit(tx.update)  # one jit for both layouts: the one-device program compiles once
     for specs in (replicated, FSDP_SPECS):
         params = place(tree(), mesh, specs)
         state = tx.init(params)
-        update = jax.jit(tx.update)
         one_params, one_state = jax.device_put(jax.device_get((params, state)), jax.devices()[0])
         for g in grads:
             u, state = update(place(g, mesh, specs), state, params)
