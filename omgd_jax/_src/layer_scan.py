@@ -360,7 +360,8 @@ def _backward(stack, ids, dy, vjps, flags=((), ())):
     matmuls) of the inactive layers above an active one, then that layer's ``full`` runs
     outside any loop, so its weight cotangent is a buffer of its own, made when the layer's
     backward runs. The ``[gamma, ...]`` gradient is assembled from those buffers once the
-    last layer's backward is done, when the remat inputs are dead.
+    last layer's backward is done, when the remat inputs are dead. The program holds gamma
+    copies of a layer's full backward and gamma + 1 loops, so its compile time grows with gamma.
 
     Why not one loop writing each active layer into its slot of a ``[gamma, ...]`` carry, as
     an ordinary scan's transpose does: the carry exists, whole, from the first layer's
