@@ -172,12 +172,6 @@ def _layer(stack, index):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, False), stack)
 
 
-def _slot(ids: jax.Array, index: jax.Array) -> jax.Array:
-    """Position of layer ``index`` in ``ids``, or -1 when it is not active."""
-    hit = ids == index
-    return jnp.where(jnp.any(hit), jnp.argmax(hit), -1).astype(jnp.int32)
-
-
 def scan_layers(
     layer_fn: LayerFn,
     stack,
@@ -366,8 +360,7 @@ def _backward(stack, ids, dy, vjps, flags=((), ())):
     Why not one loop writing each active layer into its slot of a ``[gamma, ...]`` carry, as
     an ordinary scan's transpose does: the carry exists, whole, from the first layer's
     backward on, and each active layer's weight cotangent is made apart and then copied into
-    it, so the peak held every slot and one more layer's weight cotangent (at LLaMA-7B, 2 of
-    32 layers: 0.39 GiB more).
+    it, so the peak held every slot and one more layer's weight cotangent.
 
     ``flags`` (static): whether the view (the weights) and the input ``x`` of the stack are
     differentiated. Without an input cotangent to give, the layers below the lowest active
@@ -409,15 +402,11 @@ def _backward(stack, ids, dy, vjps, flags=((), ())):
         hi = layer
     if need_x:
         dh = down(dh, hi, 0)
-    # Made from the last cotangent, so the buffer exists once every layer's backward is done
-    # (and so does the gradient: with one slot XLA would drop the buffer and hand the layer's
-    # own, which the update could then write into the stack while the loop below still reads
-    # it: XLA copies the whole stack to allow that).
-    if gamma == 1:
-        gbuf = jax.tree.map(
-            lambda d, a: d[None].astype(a.dtype), ordering.after(grads[0], dh), stack
-        )
-        return None, gbuf, None, dh if need_x else None
+    # The gradient and its buffer are made from the last cotangent, so they exist once every
+    # layer's backward is done. The gradient too: with one slot XLA drops the buffer and hands
+    # the layer's own gradient on, which the update could then write into the stack while the
+    # loop below still reads it, so XLA would copy the whole stack.
+    grads = ordering.after(grads, dh)
     gbuf = jax.tree.map(lambda a: ordering.zeros_after(dh, (gamma,) + a.shape[1:], a.dtype), stack)
     for k in range(gamma):
         gbuf = jax.tree.map(

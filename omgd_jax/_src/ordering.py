@@ -59,9 +59,10 @@ def after(tree, like):
     ``after(x, cotangent)``, it is a different value that can only run once that cotangent
     exists. ``examples/llama/model.py``'s ``attn_remat`` recomputes the attention this way
     (its kernels too: sliced again from the stack for the attention's backward). The lean
-    backward hands a one-slot gradient as ``after(grad, last cotangent)``: with one active
-    layer XLA would otherwise hand the layer's own gradient to the update, which could then
-    write the stack while the backward below still reads it, and XLA copies the whole stack.
+    backward hands the active layers' gradients on as ``after(grads, last cotangent)``: with
+    one active layer XLA would otherwise hand that layer's own gradient to the update, which
+    could then write the stack while the backward below still reads it, and XLA copies the
+    whole stack.
     """
     nan = _any_nan(like)
     return jax.tree.map(

@@ -215,7 +215,7 @@ def factories():
         (
             "scale_by_galore",
             optax.chain(omgd_jax.scale_by_galore(2, update_proj_gap=2), optax.scale(-1e-2)),
-        ),  # fmt: skip
+        ),
         ("skip_update", omgd_jax.skip_update(adam, 0.5)),
         ("skip_update_adamw", omgd_jax.skip_update_adamw(1e-2, 0.5)),
         ("magma", omgd_jax.magma(adam, 0.5)),
