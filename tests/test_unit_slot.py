@@ -48,6 +48,37 @@ def test_a_flat_layout_puts_a_units_leaves_one_after_another():
     ]  # fmt: skip
 
 
+def test_stacked_arrays_states_follow_one_another_in_the_units_buffers():
+    """The layer view's leaves (2, 3) and (4,) after a unit wte (5, 3) under Adam: leaf k's mu
+    and nu at the positions' buffers (float32:0, float32:1) after leaf k - 1's (offsets 0 and
+    6), its count in int32:0 after the previous one's; the buffers stay 15 floats long (6 + 4
+    fit) and the ints grow to the two counts. Every leaf at offsets of a longer buffer is
+    read with a slice (`at_offsets`), and a round trip gives every state back."""
+    units = [{"wte": jnp.ones((5, 3))}]
+    stacked = [jax.ShapeDtypeStruct((2, 3), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32)]
+    layout = unit_slot.slot_layout(optax.adam(0.1).init, units, stacked=stacked)
+    assert dict(layout.sizes) == {"float32:0": 15, "float32:1": 15, "int32:0": 2}
+    assert [tuple(e) for e in layout.entries[1]] == [
+        ("int32:0", 0, ()), ("float32:0", 0, (2, 3)), ("float32:1", 0, (2, 3))
+    ]  # fmt: skip
+    assert [tuple(e) for e in layout.entries[2]] == [
+        ("int32:0", 1, ()), ("float32:0", 6, (4,)), ("float32:1", 6, (4,))
+    ]  # fmt: skip
+    assert unit_slot.at_offsets(layout, 0) == [True, False, False]  # wte fills 15
+    assert unit_slot.at_offsets(layout, 2) == [True, True, True]
+    slot = unit_slot.empty_slot(layout)
+    states = []
+    for k, x in enumerate(stacked):
+        fresh = optax.adam(0.1).init(jnp.zeros(x.shape))
+        state = jax.tree.map(lambda y, k=k: jnp.full(y.shape, k + 1, y.dtype), fresh)
+        slot = unit_slot.write_unit(layout, slot, 1 + k, state)
+        states.append(state)
+    for k, state in enumerate(states):
+        got = unit_slot.read_unit(layout, slot, 1 + k)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_the_slot_of_equal_sized_units_is_updated_in_place():
     """Two units with the same number of elements (Llama's embedding and head): an Adam step
     of either, under the two-way conds the compact update runs, keeps its moments in the

@@ -431,6 +431,98 @@ def test_compact_state_bytes_with_units_on_gpt2_shapes():
     assert size(frozen=r"^wpe/") == base - 8 * wpe  # no moments for a frozen leaf
 
 
+ADAMW = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def run_two_cycles(tx, tree, steps_per_mask=2):
+    params, state, update = random_tree(tree, 5), tx.init(tree), jax.jit(tx.update)
+    for t in range(2 * 4 * steps_per_mask):  # M = 4 phases (2 layer groups, wte, head)
+        u, state = update(quadratic_grads(params, t), state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+@pytest.mark.parametrize("wte_rows", [16, 7])
+def test_omgd_adamw_keeps_the_layer_views_adam_in_the_units_slot_and_trains_the_same(wte_rows):
+    """With units= and no weight-decay mask, omgd_adamw's layer view (trained in other phases
+    than any unit) keeps its Adam moments in the units' slot when they fit in its buffers
+    (wte 16 x 3 = 48 elements; the view, 2 layers of a 3 x 6 kernel and a 3-scale, 42): the
+    state holds the larger of the two, not both. A view that would lengthen the buffers
+    (wte 7 x 3) keeps its own. Either way the parameters equal those of the same Adam with a
+    state of its own (omgd(optax.adamw(...)), which does not know Adam is elementwise)."""
+    tree = unit_tree() | {"wte": jnp.ones((wte_rows, 3))}
+    kw = dict(steps_per_mask=2, key=3, **KW)
+    shared, shared_state = run_two_cycles(omgd_jax.omgd_adamw(0.05, **ADAMW, **kw), tree)
+    own, own_state = run_two_cycles(omgd_jax.omgd(optax.adamw(0.05, **ADAMW), **kw), tree)
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(own), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    view = optax.tree.get(own_state, "omgd_active_state")
+    slot = optax.tree.get(shared_state, "omgd_unit_state")
+    floats = sorted(x.shape[0] for k, x in slot.items() if k.startswith("float32"))
+    assert floats == [wte_rows * 3] * 2  # mu and nu, as long as wte's either way
+    inner = optax.tree.get(shared_state, "omgd_active_state")
+    if wte_rows == 16:
+        assert isinstance(inner, optax.EmptyState)
+        # the view's moments and its count gone; the slot's count buffer holds the view's
+        # two leaves' counts (2 int32) instead of the unit's one
+        assert tree_bytes(own_state) - tree_bytes(shared_state) == tree_bytes(view) - 4
+    else:
+        assert tree_bytes(own_state) == tree_bytes(shared_state)
+
+
+def test_a_weight_decay_mask_keeps_the_layer_views_adam_in_a_state_of_its_own():
+    """A mask= decides the decay per leaf of the whole tree, which a leaf-by-leaf update in
+    the slot would not see: the layer view keeps its own state, and training is unchanged."""
+    tree = unit_tree()
+    mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    kw = dict(steps_per_mask=2, key=3, **KW)
+    masked, state = run_two_cycles(omgd_jax.omgd_adamw(0.05, **ADAMW, mask=mask, **kw), tree)
+    assert not isinstance(optax.tree.get(state, "omgd_active_state"), optax.EmptyState)
+    ref, _ = run_two_cycles(omgd_jax.omgd(optax.adamw(0.05, **ADAMW, mask=mask), **kw), tree)
+    for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_the_compiled_step_drops_the_layer_views_moments_with_them_in_the_slot(lean):
+    """Compiled and donated, omgd_adamw's step with units= peaks (argument + temp bytes) below
+    the same Adam with a state of its own by the layer view's two moments, less the update's
+    temporaries for one leaf at a time (its read moments and its update, materialised so that
+    the write of the slot is in place: a copy of the slot would cost more than the moments
+    saved). Both the dense compact update and the lean step; a block of four leaves as in a
+    transformer, whose view's state fits in the embedding's buffers."""
+    n, d = 4, 256
+    tree = {
+        "wte": jnp.zeros((16 * d, d)),
+        "blocks": {f"w{j}": jnp.zeros((n, d, d)) for j in range(4)},
+        "head": jnp.zeros((d, 4)),
+        "ln_f": jnp.zeros((d,)),
+    }
+    x = jnp.zeros((8, d))
+
+    def loss_of(p, x):
+        layer = lambda q, z: jnp.tanh(jnp.tanh(jnp.tanh(z @ q["w0"]) @ q["w1"]) @ q["w2"]) @ q["w3"]
+        z = omgd_jax.scan_layers(layer, p["blocks"], x)
+        return jnp.sum((z @ p["wte"][:d]) @ p["head"]) + jnp.sum(p["ln_f"])
+
+    def peak(tx):
+        state = tx.init(tree)
+        if lean:
+            step = omgd_jax.lean_train_step(loss_of, tx, layers=LAYERS, units=UNITS)
+        else:
+            step = omgd_jax.train_step(loss_of, tx)
+        m = jax.jit(step, donate_argnums=(0, 1)).lower(tree, state, x).compile()
+        m = m.memory_analysis()
+        return m.argument_size_in_bytes + m.temp_size_in_bytes
+
+    kw = dict(steps_per_mask=2, **KW)
+    shared = peak(omgd_jax.omgd_adamw(0.05, **ADAMW, **kw))
+    own = peak(omgd_jax.omgd(optax.adamw(0.05, **ADAMW), **kw))
+    leaf = 2 * d * d * 4  # one leaf's [gamma, d, d] view, float32
+    moments = 2 * 4 * leaf  # mu and nu of the view's four leaves
+    assert own - shared >= moments - 3 * leaf - 4096, (own, shared, moments)  # 4096: scalars
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),

@@ -27,8 +27,11 @@ so per-leaf callables of the inner optimizer (weight-decay masks, path filters) 
   one shared slot, flat buffers as long as the largest unit's state leaves (`unit_slot`): a
   unit's state restarts, as the layer view's does, whenever its phase begins, so only the active
   unit's is live. Only the phase's unit sees a gradient and gets an update, so a unit's moments
-  start from zero each time it comes back, exactly as a layer's. ``frozen=`` leaves are
-  in no view: no inner state, and an update of zeros.
+  start from zero each time it comes back, exactly as a layer's. With an elementwise inner
+  optimizer (``elementwise=True``: `omgd_jax.omgd_adamw` without a decay mask) the layer
+  view's state lives in the slot too, leaf after leaf, when its arrays fit in the buffers
+  the units need (`omgd_compact`'s ``slot_layouts``). ``frozen=`` leaves are in no view: no
+  inner state, and an update of zeros.
 
 Reading gathers a view from a full tree; writing scatters a view back into a full-size tree of
 zeros (an update, so inactive coordinates do not move).
@@ -550,7 +553,11 @@ def _same_shapes(a, b) -> bool:
 
 
 def omgd_compact(
-    inner: optax.GradientTransformation, schedule: MaskSchedule, key: jax.Array | int
+    inner: optax.GradientTransformation,
+    schedule: MaskSchedule,
+    key: jax.Array | int,
+    *,
+    elementwise: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``omgd(inner, ..., state="compact")`` for a built schedule; see :func:`omgd_jax.omgd`.
 
@@ -560,6 +567,10 @@ def omgd_compact(
         units' leaves, with a third one).
       schedule: the masks; checked with `check_compact`.
       key: PRNG key or int seed of the masks.
+      elementwise: whether ``inner`` treats every coordinate on its own (Adam, SGD: no
+        norms, no per-leaf decisions such as a decay mask on the whole tree), so its state on
+        a tree is its states on the leaves, one by one. With extra units, the layer view's
+        state may then share their slot (updated leaf by leaf; `slot_layouts`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state `OmgdCompactState`; extra args
@@ -592,12 +603,13 @@ def omgd_compact(
             else sharded_zeros(v, view_sharding(x, r, v.shape if strided else None))
             for v, x, r in zip(view, leaves, plan.roles, strict=True)
         ]
-        active = inner.init(trees.unflatten(zeros))
+        shared = bool(slot_layouts(plan, leaves, trees, view)[1])
+        active = optax.EmptyState() if shared else inner.init(trees.unflatten(zeros))
         dense_state = unit_state = optax.EmptyState()
         if layer:
             dense_state = inner.init(trees.unflatten([_leaf_zeros(v) for v in dense]))
         if plan.num_extra:
-            unit_state = unit_slot.empty_slot(unit_layout(plan, leaves, trees))
+            unit_state = unit_slot.empty_slot(unit_layout(plan, leaves, trees, view))
         mask_key, step = mask_fields.omgd_key, mask_fields.omgd_step
         ids = next_layer_ids(plan, mask_key, step)
         record = () if layer else grid_record(grids)
@@ -656,14 +668,17 @@ def omgd_compact(
         unflat = trees.unflatten
 
         shapes, dense_shapes = view_shapes(plan, num_masks, leaves, grids, strided)
-        expected = jax.eval_shape(inner.init, unflat(shapes))  # trace-time check only
+        shared = bool(slot_layouts(plan, p_leaves or leaves, trees, shapes)[1])
+        expected = (
+            optax.EmptyState() if shared else jax.eval_shape(inner.init, unflat(shapes))
+        )  # trace-time check only
         if not _same_shapes(expected, state.omgd_active_state):
             raise ValueError("omgd: the update tree does not match the tree given to init")
         if plan.num_extra or layers_lib.FROZEN in plan.roles:  # frozen=/units= move leaves
             same = _same_shapes(jax.eval_shape(inner.init, unflat(dense_shapes)),
                                 state.omgd_dense_state)  # fmt: skip
             if plan.num_extra:  # frozen= alone: no unit state (EmptyState)
-                layout = unit_layout(plan, p_leaves or leaves, trees)
+                layout = unit_layout(plan, p_leaves or leaves, trees, shapes)
                 same = same and unit_slot.slot_matches(layout, state.omgd_unit_state)
             if not same:
                 raise ValueError(
@@ -688,11 +703,27 @@ def omgd_compact(
                 v if isinstance(v, optax.MaskedNode) else jnp.where(layers_on, v, 0) for v in g_view
             ]
         p_view = None if p_leaves is None else take(p_leaves)
-        fresh = inner.init(unflat(p_view) if p_view is not None else _zeros(unflat(g_view)))
         reset = active.phase.phase_id != state.omgd_phase  # the mask changed: restart the state
-        old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
-        u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
-        u_view = trees.flatten(u_view)
+        slot = state.omgd_unit_state
+        if shared:
+            slot, u_view = layers_in_slot(
+                plan,
+                slot,
+                g_view,
+                p_view,
+                layers_on,
+                reset,
+                shapes,
+                p_leaves or leaves,
+                trees,
+                **extra_args,
+            )
+            new_active = state.omgd_active_state
+        else:
+            fresh = inner.init(unflat(p_view) if p_view is not None else _zeros(unflat(g_view)))
+            old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, state.omgd_active_state)
+            u_view, new_active = inner.update(unflat(g_view), old, unflat(p_view), **extra_args)
+            u_view = trees.flatten(u_view)
         if layers_on is not None:
             u_view = [
                 u if isinstance(u, optax.MaskedNode) else jnp.where(layers_on, u, 0) for u in u_view
@@ -726,7 +757,7 @@ def omgd_compact(
         new_units = state.omgd_unit_state
         if plan.num_extra:
             u_units, new_units = unit_update(
-                plan, leaves, p_leaves, state, active, reset, trees, **extra_args
+                plan, leaves, p_leaves, slot, active, reset, trees, shapes, **extra_args
             )
             out = [
                 u if r == layers_lib.EXTRA else x
@@ -750,23 +781,70 @@ def omgd_compact(
         )
         return jax.tree.unflatten(treedef, out), new_state
 
-    def unit_layout(plan, leaves, trees) -> unit_slot.SlotLayout:
+    def unit_layout(plan, leaves, trees, view) -> unit_slot.SlotLayout:
         """Where each extra unit's inner state lives in the shared slot: the states of
-        ``inner.init`` on the unit's leaves (``leaves``: the parameters, as at init)."""
-        return unit_slot.slot_layout(
-            inner.init,
-            [
-                trees.unflatten(
-                    [
-                        jax.ShapeDtypeStruct(x.shape, x.dtype) if u == e else MASKED
-                        for x, u in zip(leaves, plan.unit_of, strict=True)
-                    ]
-                )
-                for e in range(plan.num_extra)
-            ],
-        )
+        ``inner.init`` on the unit's leaves (``leaves``: the parameters, as at init), and the
+        layer view's too where `slot_layouts` shares the slot with it."""
+        return slot_layouts(plan, leaves, trees, view)[0]
 
-    def unit_update(plan, leaves, p_leaves, state, active, reset, trees, **extra_args):
+    def slot_layouts(plan, leaves, trees, view):
+        """(the slot's layout, the indices of the view's leaves whose states live in it).
+
+        With an elementwise inner optimizer (``elementwise=True``) the layer view's state
+        lives in the slot too, after the units' (it is dead in their phases, as theirs is in
+        the layers'), when its arrays fit in the buffers the units need anyway (its scalars,
+        the counts, may add a few elements): then the state costs the largest unit's, not
+        that plus the view's. A view that would lengthen the
+        buffers keeps a state of its own (``omgd_active_state``): its leaf-by-leaf update
+        in the slot costs temporaries that the saving would not pay for."""
+        unit_trees = [
+            trees.unflatten(
+                [
+                    jax.ShapeDtypeStruct(x.shape, x.dtype) if u == e else MASKED
+                    for x, u in zip(leaves, plan.unit_of, strict=True)
+                ]
+            )
+            for e in range(plan.num_extra)
+        ]
+        units_only = unit_slot.slot_layout(inner.init, unit_trees)
+        if not (layer and elementwise and plan.num_extra):
+            return units_only, []
+        in_view = [i for i, v in enumerate(view) if v is not MASKED]
+        shared = unit_slot.slot_layout(inner.init, unit_trees, stacked=[view[i] for i in in_view])
+        before, first = dict(units_only.sizes), plan.num_extra
+        arrays = {e.buffer for entries in shared.entries[first:] for e in entries if e.shape}
+        if any(dict(shared.sizes)[b] > before.get(b, 0) for b in arrays):  # scalars may add
+            return units_only, []
+        return shared, in_view
+
+    def layers_in_slot(plan, slot, g_view, p_view, layers_on, reset, view, p_all, trees,
+                       **extra_args):  # fmt: skip
+        """The layer view's step with its inner state in the units' slot, leaf by leaf (an
+        elementwise inner optimizer): each leaf's state is read out of the slot, updated and
+        written back in place (`unit_slot.slot_layout`'s ``stacked``). In a unit's phase the
+        slot holds that unit's state, which the write keeps as it was."""
+        layout, in_view = slot_layouts(plan, p_all, trees, view)
+        first = plan.num_extra
+        u = list(g_view)
+        for k, i in enumerate(in_view):
+            p = None if p_view is None else p_view[i]
+            # A leaf's state at offsets of the buffers: its read and its update materialised
+            # before the write, so the write is in place (otherwise XLA recomputes them from
+            # the slot after it was written, and copies the slot: `ordering.materialise`).
+            entries = layout.entries[first + k]
+            flags = unit_slot.at_offsets(layout, first + k)
+            at_offsets = any(f and e.shape for f, e in zip(flags, entries, strict=True))
+            stored = read_for_update(layout, slot, first + k, reset)
+            fresh = inner.init(p if p is not None else jnp.zeros_like(g_view[i]))
+            old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, stored)
+            u[i], new = inner.update(g_view[i], old, p, **extra_args)
+            if at_offsets:
+                u[i] = ordering.materialise(u[i], reset)
+            new = jax.tree.map(lambda n, o: jnp.where(layers_on, n, o), new, stored)
+            slot = unit_slot.write_unit(layout, slot, first + k, new)
+        return slot, u
+
+    def unit_update(plan, leaves, p_leaves, slot, active, reset, trees, view, **extra_args):
         """The extra units' step: only the phase's unit sees its (scaled) gradient and gets an
         update. Its inner state lives in the shared slot (`unit_slot`) and restarts whenever
         the phase changes, as the layer view's does; a layers phase leaves the slot as it is.
@@ -778,7 +856,7 @@ def omgd_compact(
         own, and one full-size gradient and update per unit would cost as much as the state
         saved. The slot passes through every cond but its unit's, which XLA updates in place."""
         unflat = trees.unflatten
-        layout = unit_layout(plan, p_leaves or leaves, trees)
+        layout = unit_layout(plan, p_leaves or leaves, trees, view)
         units = range(plan.num_extra)
         mine = [[u == e for u in plan.unit_of] for e in units]
 
@@ -798,13 +876,12 @@ def omgd_compact(
             if p_leaves is not None:
                 p = [x if m else MASKED for x, m in zip(p_leaves, mine[e], strict=True)]
             fresh = inner.init(unflat(p) if p is not None else _zeros(unflat(g)))
-            stored = unit_slot.read_unit(layout, slot, e)
+            stored = read_for_update(layout, slot, e, reset)
             old = jax.tree.map(lambda f, o: jnp.where(reset, f, o), fresh, stored)
             u, new = inner.update(unflat(g), old, unflat(p), **extra_args)
             u = [x for x, m in zip(trees.flatten(u), mine[e], strict=True) if m]
             return unit_slot.write_unit(layout, slot, e, new), u
 
-        slot = state.omgd_unit_state
         shapes = [
             jax.eval_shape(lambda s, g, e=e: unit_phase(e, s, g)[1], slot, g_packed) for e in units
         ]
@@ -835,3 +912,14 @@ def omgd_compact(
         return [u.get(i) for i in range(len(leaves))], new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def read_for_update(layout, slot, unit: int, pred):
+    """Unit ``unit``'s tree read out of the slot, its leaves at offsets of their buffers
+    materialised (`unit_slot.at_offsets`), so that writing the unit back is in place."""
+    tree = unit_slot.read_unit(layout, slot, unit)
+    leaves = layout.treedefs[unit].flatten_up_to(tree)
+    flags = unit_slot.at_offsets(layout, unit)
+    copied = iter(ordering.materialise([x for x, f in zip(leaves, flags, strict=True) if f], pred))
+    leaves = [next(copied) if f else x for x, f in zip(leaves, flags, strict=True)]
+    return jax.tree.unflatten(layout.treedefs[unit], leaves)

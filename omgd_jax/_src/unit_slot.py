@@ -44,7 +44,7 @@ def buffer_dtype(name: str) -> str:
     return name.split(":")[0]
 
 
-def slot_layout(init, unit_trees, *, flat: bool = False) -> SlotLayout:
+def slot_layout(init, unit_trees, *, flat: bool = False, stacked=()) -> SlotLayout:
     """The layout of the trees ``init(tree)`` of ``unit_trees`` (shapes only: nothing runs).
 
     Default (the units' inner states): one buffer per *position*, a unit's leaves of one
@@ -56,18 +56,18 @@ def slot_layout(init, unit_trees, *, flat: bool = False) -> SlotLayout:
     ``flat=True`` (a gradient or an update handed out of a branch, written once): one buffer
     per dtype, a unit's leaves one after another, as long as the largest unit's.
 
+    ``stacked``: arrays whose states ``init(x)`` share the buffers with the units' (an
+    elementwise inner optimizer's, for the layer view, which is trained in other phases than
+    any unit): unit ``len(unit_trees) + k`` is ``stacked[k]``'s state, its leaf at a position
+    in the buffer of that position after ``stacked[k - 1]``'s. Each is read and written with
+    slices and update-slices one array at a time, which XLA does in place when the read is
+    materialised first (`omgd_jax._src.ordering.materialise`).
+
     Raises ValueError for a leaf that cannot live in a numeric buffer (a PRNG key).
     """
     treedefs, entries, sizes = [], [], {}
     for tree in unit_trees:
-        leaves, treedef = jax.tree.flatten(jax.eval_shape(init, tree))
-        for leaf in leaves:
-            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-                raise ValueError(
-                    "omgd: units= keeps the extra units' inner state in one shared buffer, "
-                    f"which cannot hold the PRNG key of shape {leaf.shape} in the inner "
-                    "optimizer's state; use an inner optimizer without keys in its state"
-                )
+        leaves, treedef = _state_leaves(init, tree)
         dtype = [jnp.dtype(x.dtype).name for x in leaves]
         size = [math.prod(x.shape) for x in leaves]
         order = range(len(leaves))
@@ -82,10 +82,39 @@ def slot_layout(init, unit_trees, *, flat: bool = False) -> SlotLayout:
             sizes[name] = max(sizes.get(name, 0), offset + size[i])
         treedefs.append(treedef)
         entries.append(tuple(unit))
+    ends = {}  # the stacked arrays' states: one after another in the positions' buffers
+    for x in stacked:
+        leaves, treedef = _state_leaves(init, x)
+        dtype = [jnp.dtype(y.dtype).name for y in leaves]
+        size = [math.prod(y.shape) for y in leaves]
+        unit, used = [None] * len(leaves), {}
+        for i in sorted(range(len(leaves)), key=lambda i: (dtype[i], -size[i], i)):
+            k = used.get(dtype[i], 0)
+            used[dtype[i]] = k + 1
+            name = f"{dtype[i]}:{k}"
+            offset = ends.get(name, 0)
+            ends[name] = offset + size[i]
+            unit[i] = SlotEntry(name, offset, tuple(leaves[i].shape))
+            sizes[name] = max(sizes.get(name, 0), ends[name])
+        treedefs.append(treedef)
+        entries.append(tuple(unit))
     # at least one element a buffer: Orbax cannot checkpoint zero-size arrays
     return SlotLayout(
         tuple(treedefs), tuple(entries), tuple((k, max(n, 1)) for k, n in sorted(sizes.items()))
     )
+
+
+def _state_leaves(init, tree):
+    """(leaves, treedef) of ``init(tree)``'s shapes; ValueError for a PRNG key among them."""
+    leaves, treedef = jax.tree.flatten(jax.eval_shape(init, tree))
+    for leaf in leaves:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            raise ValueError(
+                "omgd: units= keeps the extra units' inner state in one shared buffer, "
+                f"which cannot hold the PRNG key of shape {leaf.shape} in the inner "
+                "optimizer's state; use an inner optimizer without keys in its state"
+            )
+    return leaves, treedef
 
 
 def leaves_layout(leaves, unit_of) -> SlotLayout:
@@ -144,6 +173,17 @@ def read_unit(layout: SlotLayout, slot, unit: int):
         whole = e.offset == 0 and buf.shape[0] == n
         leaves.append((buf if whole else buf[e.offset : e.offset + n]).reshape(e.shape))
     return jax.tree.unflatten(layout.treedefs[unit], leaves)
+
+
+def at_offsets(layout: SlotLayout, unit: int) -> list[bool]:
+    """Per leaf of unit ``unit``'s tree (flattened): whether it is read with a slice and
+    written with an update-slice (not a whole buffer). XLA does such a write in place only
+    when the read is materialised before it (`omgd_jax._src.ordering.materialise`);
+    otherwise it copies the buffer."""
+    sizes = dict(layout.sizes)
+    return [
+        not (e.offset == 0 and sizes[e.buffer] == math.prod(e.shape)) for e in layout.entries[unit]
+    ]
 
 
 def write_unit(layout: SlotLayout, slot, unit: int, tree) -> dict[str, jax.Array]:

@@ -290,7 +290,12 @@ def omgd_adamw(
     each trainable unit active (and scaled by M) in exactly one of them, so
     :math:`\sum_j S^{(j)} = M \cdot \mathbf{1}` on the layers and the extra units (see
     :func:`omgd`); always-active leaves run AdamW at every step with scale 1, ``frozen=``
-    leaves never move and are not decayed.
+    leaves never move and are not decayed. With ``state="compact"`` and no ``mask``, AdamW is
+    elementwise, so the layer view's moments share the extra units' slot (they are dead in
+    the units' phases, as the units' are in the layers'): updated there leaf by leaf, in
+    place, when their arrays fit in the buffers the largest unit needs (Llama-3.1-8B: two
+    layers' moments inside the embedding's), so the state costs the largest unit's moments
+    and not those plus the view's; otherwise the view keeps a state of its own.
 
     Args:
       learning_rate: :math:`\eta`, a float or an optax schedule of the global step.
@@ -361,7 +366,7 @@ def omgd_adamw(
         )
 
     if state_kind == "compact":
-        wrapped = omgd_compact(adam_with_decay(True, mask), schedule, key)
+        wrapped = omgd_compact(adam_with_decay(True, mask), schedule, key, elementwise=mask is None)
     else:
         # frozen runs Adam leaf by leaf: decide the decay per leaf on the full tree.
         decayed, not_decayed = adam_with_decay(True), adam_with_decay(False)
