@@ -26,6 +26,8 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 import omgd_jax
@@ -112,21 +114,29 @@ def compile_step(tx, shapes, lean: bool = False) -> dict:
     }
 
 
+def _normal(shapes, scale: float, seed: int):
+    """Host arrays shaped like ``shapes``, normal with standard deviation ``scale``."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: (scale * rng.standard_normal(s.shape, np.float32)).astype(s.dtype), shapes
+    )
+
+
 def time_interleaved(steps: dict, shapes, repeats: int) -> tuple[dict, dict]:
     """Median step time and minor page faults per call of every optimizer, timed in turn,
     round after round (`report.interleaved_times`, two untimed calls each first: the first
     calls pay for allocation). Interleaving spreads any slow-down of the machine over all alike.
     """
-    key = jax.random.key(0)
+    # NumPy draws the inputs: their values do not change the cost of an elementwise update,
+    # and XLA's threefry costs more than the timed steps on a -O0 test run.
     grads = {
-        name: jax.tree.map(
-            lambda s: 1e-3 * jax.random.normal(key, s.shape, s.dtype), step["grad_shapes"]
-        )
+        name: jax.device_put(_normal(step["grad_shapes"], 1e-3, seed=1))
         for name, step in steps.items()
     }
+    host_params = _normal(shapes, 0.02, seed=0)
     live = {}
     for name, step in steps.items():
-        params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
+        params = jax.tree.map(jnp.array, host_params)  # a copy each: the steps donate them
         live[name] = (params, step["init"](params))
 
     def run(name):

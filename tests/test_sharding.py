@@ -23,7 +23,7 @@ def test_checks_on_eight_cpu_devices(half):
     # -O0: these small programs compile in a third less time; both sides of every comparison
     # run under the same flags.
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags)
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}")
     result = subprocess.run(
         [
             sys.executable,

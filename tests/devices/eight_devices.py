@@ -4,9 +4,10 @@
 Figures asserted here (8 CPU devices, mesh axis "fsdp"):
 * element compact, M = 4: per-device state bytes <= 1/4 of sharded AdamW's + 64 B of scalars;
 * layer compact, gamma = 2 of 4 layers: per-device block state exactly 1/2 of sharded AdamW's;
-* every transformation of the library, jitted, data parallel and FSDP == one device, rtol 1e-5
-  atol 1e-6 (float32 reductions in another order; SVD-based ones rtol 1e-4 atol 1e-5); the lean
-  step with a batch-sharded loss: rtol 1e-4 atol 1e-4. Run under XLA -O0 (faster compiles).
+* every transformation of the library, jitted on 2 data-parallel replicas x 4 FSDP shards ==
+  one device, rtol 1e-5 atol 1e-6 (float32 reductions in another order; SVD-based ones
+  rtol 1e-4 atol 1e-5); the lean step with a batch-sharded loss: rtol 1e-4 atol 1e-4.
+  Run under XLA -O0 (faster compiles).
 * MoFaSGD on a stack split along its layers: Explicit axes, factors split the same way (1/8 of
   their bytes per device); Auto axes, replicated; updates == one device, rtol 1e-4 atol 1e-5.
 """
@@ -249,26 +250,29 @@ def test_every_transformation_of_the_library_is_listed():
 
 @pytest.mark.parametrize("name, tx", FACTORIES, ids=[n for n, _ in FACTORIES])
 def test_eight_devices_data_parallel_and_fsdp_equal_one_device(name, tx):
-    """Jitted on an 8-device mesh, replicated (data parallel) and sharded (FSDP) == one device.
+    """Jitted on 8 devices as 2 data-parallel replicas of a 4-way FSDP split (every value
+    replicated along "data" and split along "fsdp" as FSDP_SPECS say) == one device.
 
+    One program holds both kinds of placement, so each transformation compiles once per mesh.
     The one-device run starts from the sharded run's initial state moved to one device (for
     compact element state that carries the shard grid, so the same bands)."""
-    mesh = mesh_of(AxisType.Auto)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     grads = [tree(30 + t) for t in range(4)]
     tol = dict(rtol=1e-4, atol=1e-5) if name in SVD_BASED else dict(rtol=1e-5, atol=1e-6)
-    replicated = jax.tree.map(lambda _: P(), FSDP_SPECS)
-    update = jax.jit(tx.update)  # one jit for both layouts: the one-device program compiles once
-    for specs in (replicated, FSDP_SPECS):
-        params = place(tree(), mesh, specs)
-        state = tx.init(params)
-        one_params, one_state = jax.device_put(jax.device_get((params, state)), jax.devices()[0])
-        for g in grads:
-            u, state = update(place(g, mesh, specs), state, params)
-            params = optax.apply_updates(params, u)
-            u1, one_state = update(jax.device_put(g, jax.devices()[0]), one_state, one_params)
-            one_params = optax.apply_updates(one_params, u1)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), params, one_params)
-        assert not np.allclose(params["wte"], tree()["wte"])  # it trained
+    params = place(tree(), mesh, FSDP_SPECS)
+    state = tx.init(params)
+    one_params, one_state = jax.device_put(jax.device_get((params, state)), jax.devices()[0])
+    update = jax.jit(tx.update)
+    for g in grads:
+        u, state = update(place(g, mesh, FSDP_SPECS), state, params)
+        params = optax.apply_updates(params, u)
+        u1, one_state = update(jax.device_put(g, jax.devices()[0]), one_state, one_params)
+        one_params = optax.apply_updates(one_params, u1)
+    for x, spec in zip(jax.tree.leaves(params), jax.tree.leaves(FSDP_SPECS), strict=True):
+        split = 4 if any(spec) else 1  # the placement held: each device a quarter, or all
+        assert all(d.data.nbytes * split == x.nbytes for d in x.addressable_shards), spec
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), params, one_params)
+    assert not np.allclose(params["wte"], tree()["wte"])  # it trained
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)

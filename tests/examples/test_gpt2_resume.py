@@ -108,7 +108,8 @@ train(Config(**json.loads(sys.argv[1])))
 
 
 def _on_eight_devices(cfg):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ)  # the suite's XLA flags kept
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     subprocess.run(
         [sys.executable, "-c", _EIGHT_DEVICES, json.dumps(dataclasses.asdict(cfg))],
         check=True,

@@ -447,8 +447,8 @@ from examples.gpt2.config import Config
 from examples.gpt2.train import train
 import jax
 assert jax.device_count() == 8, jax.devices()
-cfg = Config(**json.loads(sys.argv[1]))
-train(cfg)
+for cfg in json.loads(sys.argv[1]):  # one process for every layout: one start, shared compiles
+    train(Config(**cfg))
 """
 
 
@@ -458,13 +458,16 @@ def _scale_out_run(steps):
                 steps_per_mask=2, eval_every=steps, checkpoint_every=steps)  # fmt: skip
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
-def test_eight_cpu_devices_match_one(data_dir, tmp_path, fsdp):
-    """The mesh path: 8 forced host devices (batch split, FSDP params/state) == 1 device."""
+def test_eight_cpu_devices_match_one(data_dir, tmp_path):
+    """The mesh path: 8 forced host devices == 1 device, data parallel (batch split, params and
+    state replicated) and FSDP (params and state split too)."""
     kw = _scale_out_run(6)
     train(_cfg(data_dir, tmp_path / "one", **kw))
-    many = dataclasses.asdict(_cfg(data_dir, tmp_path / "many", fsdp=fsdp, **kw))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    layouts = {"data-parallel": False, "fsdp": True}
+    many = [dataclasses.asdict(_cfg(data_dir, tmp_path / name, fsdp=fsdp, **kw))
+            for name, fsdp in layouts.items()]  # fmt: skip
+    env = dict(os.environ)  # the suite's XLA flags kept
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     subprocess.run(
         [sys.executable, "-c", _MULTI_DEVICE_RUN, json.dumps(many)],
         check=True,
@@ -473,9 +476,13 @@ def test_eight_cpu_devices_match_one(data_dir, tmp_path, fsdp):
         timeout=600,
     )
     _, one = _losses(tmp_path / "one")
-    _, eight = _losses(tmp_path / "many")
     assert len(one) == 6 and one[0] != one[-1]
-    np.testing.assert_allclose(eight, one, rtol=2e-4)
+    for name in layouts:
+        _, eight = _losses(tmp_path / name)
+        np.testing.assert_allclose(eight, one, rtol=2e-4, err_msg=name)
+
+
+TWO_DEVICES = "--xla_force_host_platform_device_count=2"
 
 
 def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
@@ -498,7 +505,7 @@ def test_two_processes_over_loopback_match_one(data_dir, tmp_path):
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 JAX_NUM_PROCESSES="2",
                 JAX_PROCESS_ID=str(i),
-                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {TWO_DEVICES}",
             ),
             cwd=root,
             stdout=subprocess.PIPE,

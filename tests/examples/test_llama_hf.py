@@ -287,7 +287,8 @@ print("ok")
 
 
 def test_sharded_load_on_eight_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ)  # the suite's XLA flags kept
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     result = subprocess.run([sys.executable, "-c", EIGHT], env=env, cwd=str(ROOT),
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:]
